@@ -1,0 +1,1 @@
+"""The ``torch-dlt diagnose`` report: theory next to measurement on the user's model, as HTML."""
