@@ -1,7 +1,5 @@
 """Reference models and layers used by the probes, examples and the diagnose report."""
 
-__all__: list = []
-
 from torch_dlt.nn.models import ACTIVATIONS, DeepCNN, DeepMLP, Erf, LeNet5, activation_layer
 
-__all__ += ["ACTIVATIONS", "DeepCNN", "DeepMLP", "Erf", "LeNet5", "activation_layer"]
+__all__ = ["ACTIVATIONS", "DeepCNN", "DeepMLP", "Erf", "LeNet5", "activation_layer"]

@@ -1,7 +1,6 @@
 """Probes: measure a user's model (signal statistics, Jacobian spectra) without changing it."""
 
-__all__: list = []
-
+from torch_dlt.probes.jacobian import JacobianSpectrum, jacobian_spectrum
 from torch_dlt.probes.signal import (
     CorrelationProfile,
     LayerSignal,
@@ -12,16 +11,14 @@ from torch_dlt.probes.signal import (
     register_layer_type,
 )
 
-__all__ += [
+__all__ = [
     "CorrelationProfile",
+    "JacobianSpectrum",
     "LayerSignal",
     "SignalHistory",
     "SignalMonitor",
     "SignalReport",
     "correlation_propagation",
+    "jacobian_spectrum",
     "register_layer_type",
 ]
-
-from torch_dlt.probes.jacobian import JacobianSpectrum, jacobian_spectrum  # noqa: E402
-
-__all__ += ["JacobianSpectrum", "jacobian_spectrum"]

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
+from torch_dlt.probes._state import restored_mode
+
 __all__ = ["JacobianSpectrum", "jacobian_spectrum"]
 
 _METHODS = ("auto", "exact", "lanczos")
@@ -207,23 +209,16 @@ def jacobian_spectrum(
             f"{type(generator).__name__}"
         )
 
-    modules = list(model.modules()) if isinstance(model, nn.Module) else []
-    training_flags = [module.training for module in modules]
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(_DEFAULT_PROBE_SEED)
     fork_devices = [x.device] if x.device.type != "cpu" else []
-    try:
-        # fork_rng: the model's own forward pass may draw random numbers (noise layers).
-        with torch.random.fork_rng(devices=fork_devices, device_type=x.device.type):
-            if isinstance(model, nn.Module):
-                model.eval()
-            # torch.func transforms differentiate w.r.t. x regardless of no_grad; no_grad keeps
-            # the parameters out of any autograd graph.
-            with torch.no_grad():
-                return _measure(model, x.detach(), method, lanczos_steps, num_probes, generator)
-    finally:
-        for module, flag in zip(modules, training_flags):
-            module.training = flag
+    # fork_rng: the model's own forward pass may draw random numbers (noise layers).
+    with (
+        restored_mode(model),
+        torch.random.fork_rng(devices=fork_devices, device_type=x.device.type),
+        torch.no_grad(),  # torch.func still differentiates w.r.t. x; parameters stay out
+    ):
+        return _measure(model, x.detach(), method, lanczos_steps, num_probes, generator)
 
 
 def _measure(

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_dlt.ops import moments
+from torch_dlt.probes._state import restored_mode
 
 __all__ = [
     "CorrelationProfile",
@@ -663,24 +664,19 @@ def correlation_propagation(
 
         return hook
 
-    training = {module: module.training for module in model.modules()}
-    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
     handles: list[RemovableHandle] = []
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(model, x1)), torch.no_grad():
+        with (
+            restored_mode(model, eval_mode=eval_mode, restore_buffers=True),
+            torch.random.fork_rng(devices=_cuda_devices(model, x1)),
+            torch.no_grad(),
+        ):
             for name, module in chosen:
                 handles.append(module.register_forward_hook(recorder(name)))
-            if eval_mode:
-                model.eval()
             model(torch.cat([x1, x2]))
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in training.items():
-            module.training = flag
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
     if not outputs:
         raise ValueError(
             "correlation_propagation: none of the chosen layers ran during the forward pass: "

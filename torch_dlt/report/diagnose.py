@@ -7,7 +7,6 @@ their own. The model, its data and the global RNG state are the same after the r
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import importlib
 import os
@@ -19,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from torch_dlt.probes._state import restored_mode
 from torch_dlt.report._html import Section, render
 
 __all__ = [
@@ -142,7 +142,7 @@ def _default_data(model: nn.Module, batch_size: int) -> tuple[Tensor, Tensor, st
         if param is not None:
             x = x.to(device=param.device, dtype=param.dtype)
         try:
-            with torch.no_grad(), _eval_mode(model):
+            with torch.no_grad(), restored_mode(model):
                 model(x[:2])
         except Exception as exc:  # any failure means "not this input shape"
             errors.append(f"{tuple(x.shape[1:])}: {type(exc).__name__}: {exc}")
@@ -153,17 +153,6 @@ def _default_data(model: nn.Module, batch_size: int) -> tuple[Tensor, Tensor, st
         "(a factory returning (model, (inputs, targets)), or diagnose(model, data)). Tried:\n  "
         + "\n  ".join(errors)
     )
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _infer_loss(output: Tensor, targets: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
@@ -238,7 +227,7 @@ def diagnose(
             inputs, targets = inputs[:batch_size], None if targets is None else targets[:batch_size]
             data_name = f"user data {tuple(inputs.shape)}"
         if loss_fn is None:
-            with torch.no_grad(), _eval_mode(model):
+            with torch.no_grad(), restored_mode(model):
                 loss_fn = _infer_loss(model(inputs[:2]), targets)
         ctx = DiagnoseContext(
             model=model,

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torch_dlt.probes._state import restored_mode
 from torch_dlt.report._html import Figure, Section, Table, figure_png
 from torch_dlt.report.diagnose import DiagnoseContext, register_section
 
@@ -59,17 +59,6 @@ def _activation(ctx: DiagnoseContext) -> str:
 
         ctx.activation = activation_of(ctx.model)
     return ctx.activation
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 @register_section("meanfield")
@@ -190,7 +179,7 @@ def signal_section(ctx: DiagnoseContext) -> Section:
 
     model = ctx.model
     params = [p for p in model.parameters() if p.requires_grad]
-    with _eval_mode(model), SignalMonitor(model) as monitor:
+    with restored_mode(model), SignalMonitor(model) as monitor:
         output = model(ctx.inputs)
         targets = ctx.targets if ctx.targets is not None else torch.zeros_like(output)
         loss = ctx.loss_fn(output, targets)
@@ -331,12 +320,16 @@ def _linear_stages(model: nn.Module, x: torch.Tensor, act: str):
 
             handles.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad(), _eval_mode(model), SignalMonitor(model, layers=list(layers)) as mon:
+        with (
+            torch.no_grad(),
+            restored_mode(model),
+            SignalMonitor(model, layers=list(layers)) as monitor,
+        ):
             model(x)
     finally:
         for handle in handles:
             handle.remove()
-    q_by_name = {layer.name: layer.q for layer in mon.report().layers}
+    q_by_name = {layer.name: layer.q for layer in monitor.report().layers}
     last = list(layers)[-1]
     stages = []  # (name, mean factor, normalised variance without / with Gaussian weights)
     for name, module in model.named_modules():

@@ -23,7 +23,7 @@ from typing import Tuple
 import numpy as np
 
 from torch_dlt.theory.activations import Activation, ActivationLike, resolve_activation
-from torch_dlt.theory.meanfield import q_star
+from torch_dlt.theory.meanfield import gaussian_expectation, q_star
 
 __all__ = [
     "JacobianSpectrumMoments",
@@ -33,29 +33,6 @@ __all__ = [
 ]
 
 _WEIGHTS = ("gaussian", "orthogonal")
-
-# Composite Gauss-Legendre over z in [-10, 10] (the normal's mass beyond is 1.5e-23). Panels
-# are split at the activation's kinks, so that piecewise-smooth phi' (relu, hard tanh, selu) are
-# integrated to machine precision, not to the O(1 / nodes) error of one global rule, and on a
-# grid doubling outwards from 0 in h = sqrt(q) z, which resolves phi' of width ~1 in h (tanh,
-# sigmoid) however large q is.
-_Z_MAX = 10.0
-_Z_PANELS = np.linspace(-_Z_MAX, _Z_MAX, 21)
-_H_PANELS = np.concatenate([-(2.0 ** np.arange(-3, 40)), [0.0], 2.0 ** np.arange(-3, 40)])
-_NODES, _NODE_WEIGHTS = np.polynomial.legendre.leggauss(24)
-
-
-def _gaussian_expectation(act: Activation, f, q: float) -> float:
-    """E[f(h)] for h ~ N(0, q), q >= 0 finite."""
-    if q == 0.0:
-        return float(f(np.zeros(1))[0])
-    sd = math.sqrt(q)
-    breaks = np.concatenate([_H_PANELS, act.kinks]) / sd
-    edges = np.unique(np.concatenate([_Z_PANELS, breaks[np.abs(breaks) < _Z_MAX]]))
-    half = 0.5 * np.diff(edges)[:, None]
-    z = 0.5 * (edges[1:] + edges[:-1])[:, None] + half * _NODES
-    weights = half * _NODE_WEIGHTS * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-    return float(np.sum(f(sd * z) * weights))
 
 
 def _derivative_length(act: Activation, q: float, sigma_w2: float, sigma_b2: float) -> float:
@@ -100,7 +77,7 @@ def derivative_moments(activation: ActivationLike, q: float, num_moments: int = 
     _check_count("num_moments", num_moments)
     return np.array(
         [
-            _gaussian_expectation(act, lambda h, k=k: act.derivative(h) ** (2 * k), q)
+            gaussian_expectation(act, lambda h, k=k: act.derivative(h) ** (2 * k), q)
             for k in range(1, num_moments + 1)
         ]
     )
