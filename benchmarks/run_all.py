@@ -11,7 +11,11 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> int:
     failed = []
-    for script in sorted(HERE.glob("bench_*.py")):
+    # Every script here but the private helpers (_*.py) and this runner.
+    scripts = [
+        p for p in HERE.glob("*.py") if not p.name.startswith("_") and p.name != "run_all.py"
+    ]
+    for script in sorted(scripts):
         print(f"== {script.name}", flush=True)
         if subprocess.call([sys.executable, str(script), *sys.argv[1:]], cwd=HERE) != 0:
             failed.append(script.name)
