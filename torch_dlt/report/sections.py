@@ -543,3 +543,70 @@ def optimiser_section(ctx: DiagnoseContext) -> Section:
             "band. Each run trains a copy of the model; the model itself is not changed."
         ],
     )
+
+
+@register_section("landscape")
+def landscape_section(ctx: DiagnoseContext) -> Section:
+    """Filter-normalised 1-D and 2-D slices of the loss and the top Hessian eigenvalue."""
+    from torch_dlt.probes import (
+        plot_contour,
+        random_direction,
+        slice_1d,
+        surface_2d,
+        top_hessian_eigenvalue,
+    )
+
+    model = ctx.model
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(ctx.seed)
+    d1 = random_direction(model, generator=generator)
+    d2 = random_direction(model, generator=generator)
+    targets = ctx.targets
+    if targets is None:
+        with torch.no_grad(), restored_mode(model):
+            targets = torch.zeros_like(model(ctx.inputs))
+    batch = (ctx.inputs, targets)
+    line = slice_1d(model, ctx.loss_fn, batch, d1, steps=11 if ctx.quick else 41)
+    surface = surface_2d(model, ctx.loss_fn, batch, (d1, d2), steps=7 if ctx.quick else 21)
+    eig = top_hessian_eigenvalue(
+        model, ctx.loss_fn, batch, iters=10 if ctx.quick else 50, generator=generator
+    )
+    centre = float(line.losses[len(line.losses) // 2])
+    summary = [
+        f"loss at the weights {centre:.4g}; along a filter-normalised direction it reaches "
+        f"{float(line.losses.min()):.4g} to {float(line.losses.max()):.4g} for alpha in [-1, 1]",
+        f"top Hessian eigenvalue (power iteration, {eig.iterations} Hessian-vector products): "
+        f"{eig.eigenvalue:.4g}",
+    ]
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(line.alphas.numpy(), line.losses.numpy(), "-")
+    ax1.set_xlabel("alpha (filter-normalised direction)")
+    ax1.set_ylabel("loss")
+    plot_contour(surface, ax=ax2, filled=True, log=True)
+    ax2.plot([0.0], [0.0], "r+", markersize=10)
+    ax2.set_xlabel("alpha")
+    ax2.set_ylabel("beta")
+    fig.tight_layout()
+    return Section(
+        title="Loss landscape around the weights",
+        summary=summary,
+        figures=[
+            Figure(
+                figure_png(fig),
+                "left: the loss along one random filter-normalised direction; right: log10 "
+                "loss over the plane of two such directions (+ marks the weights)",
+            )
+        ],
+        notes=[
+            "Directions are Gaussian, each filter rescaled to the norm of the corresponding "
+            "filter of the weights, biases and BatchNorm parameters left out (Li et al. 2018), "
+            "so pictures of different models are comparable. Evaluated in eval mode on the "
+            "report's batch; the model is restored exactly."
+        ],
+    )
