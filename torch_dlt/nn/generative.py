@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_dlt.probes._state import restored_mode
+from torch_dlt.probes._state import forked_rng, restored_mode
 
 __all__ = [
     "ELBO",
@@ -905,10 +905,7 @@ def unit_intervention(
         raise ValueError(f"{owner}: quantile must be in (0, 1], got {quantile!r}")
     _check_positive_int(batch_size, "batch_size", owner)
     module = _named_layer(model, layer, owner)
-    devices = (
-        [generator.device] if generator is not None and generator.device.type == "cuda" else []
-    )
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), restored_mode(model):
+    with forked_rng(model), torch.no_grad(), restored_mode(model):
         latents = _latents(model, z, n_samples, generator, owner)
         images_before, activations = _run(model, module, latents, None, batch_size)
         chosen = _check_channels(channels, activations.shape[1], layer, owner)
@@ -988,10 +985,7 @@ def rank_units(
     if not isinstance(target_class, int) or isinstance(target_class, bool) or target_class < 0:
         raise ValueError(f"{owner}: target_class must be a non-negative int, got {target_class!r}")
     module = _named_layer(model, layer, owner)
-    devices = (
-        [generator.device] if generator is not None and generator.device.type == "cuda" else []
-    )
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), restored_mode(model):
+    with forked_rng(model), torch.no_grad(), restored_mode(model):
         latents = _latents(model, z, n_samples, generator, owner)
         probe = latents[:1]
         units = _run(model, module, probe, None, batch_size)[1].shape[1]

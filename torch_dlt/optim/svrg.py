@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from torch_dlt.probes._state import forked_rng
+
 __all__ = ["SVRG", "full_gradient_closure", "svrg"]
 
 Closure = Callable[[], Tensor]
@@ -283,11 +285,10 @@ class SVRG(Optimizer):
     @contextlib.contextmanager
     def _at_snapshot(self, params: list[Tensor]) -> Iterator[None]:
         current = [p.detach().clone() for p in params]
-        cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
         try:
             for p in params:
                 p.copy_(self.state[p]["snapshot"])
-            with torch.random.fork_rng(devices=cuda):
+            with forked_rng(params):
                 yield
         finally:
             for p, x in zip(params, current):

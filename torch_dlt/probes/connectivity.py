@@ -6,7 +6,6 @@ Garipov et al. 2018; Draxler et al. 2018) even where the straight segment crosse
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import math
@@ -17,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from torch_dlt.probes._state import check_same_architecture, forked_rng
 
 __all__ = ["Curve", "LossProfile", "curve_loss_profile", "find_curve", "linear_barrier"]
 
@@ -112,7 +113,7 @@ class Curve:
     def __init__(self, model_a: nn.Module, model_b: nn.Module, *, kind: str = "bezier") -> None:
         if kind not in _KINDS:
             raise ValueError(f"Curve: kind must be one of {_KINDS}, got {kind!r}")
-        _check_same_architecture(model_a, model_b, "Curve")
+        check_same_architecture(model_a, model_b, "Curve")
         self.kind = kind
         self.start = {n: p.detach().clone() for n, p in model_a.named_parameters()}
         self.end = {n: p.detach().clone() for n, p in model_b.named_parameters()}
@@ -217,7 +218,7 @@ class Curve:
         _check_t(t)
         bn_batches = _bn_batches(recompute_bn, self._template, "Curve.model_at")
         model = copy.deepcopy(self._template)
-        with _forked_rng(self._template):
+        with forked_rng(self._template):
             state = self._state_at(t, bn_batches, copy.deepcopy(self._template), "Curve.model_at")
         with torch.no_grad():
             for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
@@ -270,7 +271,7 @@ def linear_barrier(
         >>> bool(torch.isclose(profile.losses[0], nn.functional.mse_loss(a(x), y).double()))
         True
     """
-    _check_same_architecture(model_a, model_b, "linear_barrier")
+    check_same_architecture(model_a, model_b, "linear_barrier")
     curve = Curve(model_a, model_b, kind="line")
     return _profile(curve, loss_fn, data, steps, recompute_bn, progress, "linear_barrier")
 
@@ -374,7 +375,7 @@ def find_curve(
     if not callable(loss_fn):
         raise TypeError(f"find_curve: loss_fn must be callable, got {type(loss_fn).__name__}")
     batches = _batch_iterable(loader, "loader", "find_curve")
-    _check_same_architecture(model_a, model_b, "find_curve")
+    check_same_architecture(model_a, model_b, "find_curve")
     path = Curve(model_a, model_b, kind=curve)
     bend = {n: p.clone().requires_grad_(True) for n, p in path.bend.items()}
     optimizer = torch.optim.SGD(
@@ -389,7 +390,7 @@ def find_curve(
 
     from tqdm.auto import tqdm
 
-    with _forked_rng(work):
+    with forked_rng(work):
         torch.manual_seed(seed)
         bar = tqdm(
             _training_batches(batches, epochs, steps),
@@ -433,7 +434,7 @@ def _profile(
     from tqdm.auto import tqdm
 
     losses = []
-    with _forked_rng(work):
+    with forked_rng(work):
         for t in tqdm(ts.tolist(), desc=caller, disable=not progress, leave=False):
             state = curve._state_at(t, bn_batches, work, caller)
             work.eval()
@@ -583,14 +584,6 @@ def _device_of(tensors: dict[str, Tensor]) -> torch.device | None:
     return next(iter(tensors.values())).device if tensors else None
 
 
-@contextlib.contextmanager
-def _forked_rng(model: nn.Module) -> Iterator[None]:
-    # Dropout and an unseeded DataLoader draw from the global RNGs, which a probe must restore.
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda):
-        yield
-
-
 def _check_t(t: float) -> float:
     if isinstance(t, Tensor) and t.numel() == 1:
         t = t.item()
@@ -602,37 +595,3 @@ def _check_t(t: float) -> float:
 def _check_count(value: object, name: str, caller: str, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{caller}: {name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_same_architecture(model_a: nn.Module, model_b: nn.Module, caller: str) -> None:
-    for name, model in (("model_a", model_a), ("model_b", model_b)):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{caller}: {name} must be an nn.Module, got {type(model).__name__}")
-    modules_a = {n: type(m) for n, m in model_a.named_modules()}
-    modules_b = {n: type(m) for n, m in model_b.named_modules()}
-    for name in [*modules_a, *(n for n in modules_b if n not in modules_a)]:
-        kind_a, kind_b = modules_a.get(name), modules_b.get(name)
-        if kind_a is not kind_b:
-            raise ValueError(
-                f"{caller}: model_a and model_b must have the same architecture; module "
-                f"{name or '<root>'!r} is {getattr(kind_a, '__name__', 'missing')} in model_a "
-                f"and {getattr(kind_b, '__name__', 'missing')} in model_b"
-            )
-    for kind, a, b in (
-        ("parameter", dict(model_a.named_parameters()), dict(model_b.named_parameters())),
-        ("buffer", dict(model_a.named_buffers()), dict(model_b.named_buffers())),
-    ):
-        for name in [*a, *(n for n in b if n not in a)]:
-            if name not in a or name not in b:
-                owner = "model_b" if name in a else "model_a"
-                raise ValueError(
-                    f"{caller}: model_a and model_b must have the same {kind}s; {owner} has no "
-                    f"{kind} {name!r}"
-                )
-            if a[name].shape != b[name].shape or a[name].dtype != b[name].dtype:
-                raise ValueError(
-                    f"{caller}: {kind} {name!r} is {tuple(a[name].shape)} {a[name].dtype} in "
-                    f"model_a but {tuple(b[name].shape)} {b[name].dtype} in model_b"
-                )
-    if not dict(model_a.named_parameters()):
-        raise ValueError(f"{caller}: the models have no parameters")

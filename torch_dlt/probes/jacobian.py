@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from torch_dlt.probes._state import restored_mode
+from torch_dlt.probes._state import forked_rng, restored_mode
 
 __all__ = ["JacobianSpectrum", "jacobian_spectrum"]
 
@@ -211,11 +211,10 @@ def jacobian_spectrum(
 
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(_DEFAULT_PROBE_SEED)
-    fork_devices = [x.device] if x.device.type != "cpu" else []
-    # fork_rng: the model's own forward pass may draw random numbers (noise layers).
+    # forked_rng: the model's own forward pass may draw random numbers (noise layers).
     with (
         restored_mode(model),
-        torch.random.fork_rng(devices=fork_devices, device_type=x.device.type),
+        forked_rng(model, x),
         torch.no_grad(),  # torch.func still differentiates w.r.t. x; parameters stay out
     ):
         return _measure(model, x.detach(), method, lanczos_steps, num_probes, generator)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from torch_dlt.probes._state import restored_mode
+from torch_dlt.probes._state import check_same_architecture, forked_rng, restored_mode
 
 __all__ = [
     "LandscapeSlice",
@@ -261,10 +261,6 @@ def _forward_loss(
     return loss_fn(functional_call(model, tensors, args), targets)
 
 
-def _rng_devices(model: nn.Module) -> list[int]:
-    return sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
-
-
 def _check_direction(model: nn.Module, direction: object, argument: str, owner: str) -> Direction:
     params = list(model.parameters())
     if isinstance(direction, Tensor) or not isinstance(direction, (list, tuple)):
@@ -368,7 +364,7 @@ def _evaluate(
 
     bar = tqdm(total=len(batches) * len(starts), desc=desc, disable=not progress, leave=False)
     with torch.no_grad(), restored_mode(model, eval_mode=not train, restore_buffers=True):
-        with torch.random.fork_rng(devices=_rng_devices(model)):
+        with forked_rng(model):
             if train:
                 model.train()
             for batch in batches:
@@ -411,24 +407,6 @@ def _vmapped_losses(
 
 # ---------------------------------------------------------------------------------------------
 # slices and surfaces
-
-
-def _same_architecture(model: nn.Module, other: nn.Module, owner: str) -> None:
-    mine = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    theirs = [(n, tuple(p.shape)) for n, p in other.named_parameters()]
-    if mine != theirs:
-        diff = next(
-            (f"{a} vs {b}" for a, b in zip(mine, theirs) if a != b),
-            f"{len(mine)} vs {len(theirs)} parameters",
-        )
-        raise ValueError(
-            f"{owner}: the two models must have the same architecture (parameter names and "
-            f"shapes); first difference: {diff}"
-        )
-    mine_b = [(n, tuple(b.shape)) for n, b in model.named_buffers()]
-    theirs_b = [(n, tuple(b.shape)) for n, b in other.named_buffers()]
-    if mine_b != theirs_b:
-        raise ValueError(f"{owner}: the two models have different buffers")
 
 
 def slice_1d(
@@ -491,7 +469,7 @@ def slice_1d(
         other = direction_or_other_model
         if buffer_direction is not None:
             raise ValueError(f"{owner}: buffer_direction applies to a direction, not to two models")
-        _same_architecture(model, other, owner)
+        check_same_architecture(model, other, owner, ("the model", "the other model"))
         direction = [
             (q.detach().to(p) - p.detach()) for p, q in zip(model.parameters(), other.parameters())
         ]

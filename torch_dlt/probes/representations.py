@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from torch_dlt.probes._state import restored_mode
+from torch_dlt.probes._state import forked_rng, restored_mode
 from torch_dlt.theory.intrinsic_dim import intrinsic_dimension
 
 __all__ = ["RepresentationDimensions", "representation_dimensions"]
@@ -131,13 +131,11 @@ def representation_dimensions(
     inputs: list[Tensor] = []
     seen = 0
     handles = []
-    devices = [p.device for p in model.parameters()] + [b.device for b in model.buffers()]
-    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
     try:
         for name in names:
             handles.append(modules[name].register_forward_hook(make_hook(name)))
         # fork_rng: a model's forward may draw random numbers even in eval mode (noise layers).
-        with restored_mode(model), torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with restored_mode(model), torch.no_grad(), forked_rng(model):
             source = data.split(batch_size) if isinstance(data, Tensor) else _batches(data)
             for x in source:
                 if seen >= max_samples:

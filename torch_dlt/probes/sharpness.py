@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from torch_dlt.probes._state import restored_mode
+from torch_dlt.probes._state import forked_rng, restored_mode
 from torch_dlt.probes.landscape import (
     Batch,
     Data,
@@ -21,7 +21,6 @@ from torch_dlt.probes.landscape import (
     _batches,
     _forward_loss,
     _fresh_generator,
-    _rng_devices,
 )
 
 __all__ = ["HessianEigen", "Sharpness", "epsilon_sharpness", "top_hessian_eigenvalue"]
@@ -147,7 +146,7 @@ def epsilon_sharpness(
     bounds = [epsilon * (p.abs() + 1) for p in params]
     gen = _fresh_generator(generator, params[0].device)
     with restored_mode(model, eval_mode=not train, restore_buffers=True):
-        with torch.random.fork_rng(devices=_rng_devices(model)):
+        with forked_rng(model):
             if train:
                 model.train()
             with torch.no_grad():
@@ -230,7 +229,7 @@ def top_hessian_eigenvalue(
     gen = _fresh_generator(generator, params[0].device)
 
     with restored_mode(model, eval_mode=not train, restore_buffers=True):
-        with torch.random.fork_rng(devices=_rng_devices(model)):
+        with forked_rng(model):
             if train:
                 model.train()
             leaves = [p.clone().requires_grad_(True) for p in params]

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_dlt.ops import moments
-from torch_dlt.probes._state import restored_mode
+from torch_dlt.probes._state import forked_rng, restored_mode
 
 __all__ = [
     "CorrelationProfile",
@@ -576,17 +576,6 @@ class CorrelationProfile:
         }
 
 
-def _cuda_devices(model: nn.Module, x: Tensor) -> list[int]:
-    tensors = [x, *model.parameters(), *model.buffers()]
-    return sorted(
-        {
-            t.device.index if t.device.index is not None else torch.cuda.current_device()
-            for t in tensors
-            if t.device.type == "cuda"
-        }
-    )
-
-
 def correlation_propagation(
     model: nn.Module,
     x1: Tensor,
@@ -668,7 +657,7 @@ def correlation_propagation(
     try:
         with (
             restored_mode(model, eval_mode=eval_mode, restore_buffers=True),
-            torch.random.fork_rng(devices=_cuda_devices(model, x1)),
+            forked_rng(model, x1),
             torch.no_grad(),
         ):
             for name, module in chosen:
