@@ -592,14 +592,12 @@ def train_vae(
     history: dict[str, list[float]] = {"loss": [], "reconstruction": [], "kl": []}
     model.train()
     bar = _progress(steps, "train_vae", progress)
+    # eps is drawn on the model's device; on the CPU the batches' generator serves for both.
+    noise = generator if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
     for _ in bar:
         x = next(batches).to(device, dtype)
-        mu, logvar = model.encode(x)
-        eps = torch.randn(mu.shape, generator=generator, dtype=dtype).to(device)
-        z = mu + torch.exp(0.5 * logvar) * eps
-        reconstruction = _bernoulli_log_likelihood(model.decode(z), x).mean()
-        kl = 0.5 * (mu.square() + logvar.exp() - logvar - 1.0).sum(1).mean()
-        loss = kl - reconstruction
+        elbo, reconstruction, kl = model.elbo(x, reduction="mean", generator=noise)
+        loss = -elbo
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -461,7 +461,7 @@ def _train_copy(model: nn.Module, make_opt, ctx: DiagnoseContext, steps: int) ->
     import copy
 
     net = copy.deepcopy(model)
-    opt = make_opt(net.parameters())
+    opt = make_opt(net.parameters()) if steps else None
     targets = ctx.targets
     losses = []
     for _ in range(steps):
@@ -487,7 +487,7 @@ def optimiser_section(ctx: DiagnoseContext) -> Section:
 
     b0s = np.logspace(-2, 4, 4 if ctx.quick else 7)
     steps = 8 if ctx.quick else 30
-    initial = _train_copy(ctx.model, lambda p: torch.optim.SGD(p, lr=0.0), ctx, 0)[-1]
+    initial = _train_copy(ctx.model, None, ctx, 0)[-1]
     runs = {"AdaGrad-Norm (lr=1, b0)": [], "SGD (lr=1/b0)": []}
     for b0 in b0s:
         runs["AdaGrad-Norm (lr=1, b0)"].append(

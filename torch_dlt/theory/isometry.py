@@ -55,7 +55,8 @@ def derivative_moments(activation: ActivationLike, q: float, num_moments: int = 
 
     The moments of the spectrum of :math:`D^2 = \operatorname{diag}(\phi'(h))^2` that enter the
     Jacobian spectrum (the :math:`\mu_k` of Pennington et al., 2017). Composite
-    Gauss-Legendre quadrature split at the activation's kinks, exact to ~1e-14.
+    Gauss-Legendre quadrature split at the activation's kinks (see
+    :func:`torch_dlt.theory.meanfield.gaussian_expectation`).
 
     Args:
         activation: a name in ``torch_dlt.theory.ACTIVATIONS``, an ``Activation`` or a
