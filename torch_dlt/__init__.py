@@ -4,8 +4,21 @@ Initialisers, optimisers, probes and layers, each with the theory's prediction n
 measurement on the user's own model.
 """
 
-from torch_dlt import data, init, nn, ops, optim, probes, report, theory
+from torch_dlt import data, init, nn, ops, optim, probes, prune, report, robust, theory, vis
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "data", "init", "nn", "ops", "optim", "probes", "report", "theory"]
+__all__ = [
+    "__version__",
+    "data",
+    "init",
+    "nn",
+    "ops",
+    "optim",
+    "probes",
+    "prune",
+    "report",
+    "robust",
+    "theory",
+    "vis",
+]

@@ -66,8 +66,14 @@ def section_names() -> list[str]:
     return list(_SECTIONS)
 
 
+_BUILTIN_SECTION_MODULES = ("sections", "curvature", "filters", "robustness", "certification")
+
+
 def _load_builtin_sections() -> None:
-    from torch_dlt.report import sections  # noqa: F401  (registers on import)
+    import importlib
+
+    for name in _BUILTIN_SECTION_MODULES:  # each registers its sections on import
+        importlib.import_module(f"torch_dlt.report.{name}")
 
 
 @dataclass

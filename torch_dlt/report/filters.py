@@ -1,0 +1,1 @@
+"""The diagnose report's filters section."""
