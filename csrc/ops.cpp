@@ -7,4 +7,34 @@ TORCH_LIBRARY(torch_dlt, m) {
   // Per-feature mean, population variance and excess kurtosis of x along `dim`, one pass over
   // memory with Chan/Pebay merges of block statistics. float32 and float64.
   m.def("moments(Tensor x, int dim) -> (Tensor mean, Tensor var, Tensor kurtosis)");
+  // Filter visualisation (issue 6). Conv weights [O, I, kh, kw] tiled into one image [C, H, W],
+  // each filter (or all of them) min-max / max-abs normalised; channels: 'rgb' | 'tiles' | 'mean'.
+  m.def(
+      "filter_grid(Tensor weight, int nrow, int padding, float pad_value, str normalize, "
+      "bool symmetric, str channels) -> Tensor");
+  // Per-filter power spectrum (zero-padded fft_size-point DFT, summed over input channels)
+  // binned through bin_index [fft_size, fft_size] into [O, n_orient, n_freq], with the peak's
+  // orientation and frequency and the power-weighted spread of the radial frequency.
+  m.def(
+      "spectral_signature(Tensor weight, Tensor bin_index, int n_orient, int n_freq, "
+      "int fft_size) -> (Tensor power, Tensor orientation, Tensor frequency, Tensor bandwidth)");
+  // Hessian- / Gauss-Newton-vector products by the R-operator (Pearlmutter 1994), issue 4.
+  // R-tensors carry k directions as dim 1: [B, k, *x.shape[1:]]. activation kinds and the
+  // sequential_hvp program encoding: torch_dlt/ops/_hvp_reference.py.
+  // sigma'(x) v for an activation y = sigma(x).
+  m.def("activation_jvp(Tensor x, Tensor y, Tensor v, int kind, float a, float b) -> Tensor");
+  // (sigma'(x) g, sigma'(x) rg + sigma''(x) g rx): backward and R-backward of an activation.
+  m.def(
+      "activation_hvp_backward(Tensor x, Tensor y, Tensor g, Tensor rx, Tensor rg, int kind, "
+      "float a, float b) -> (Tensor gx, Tensor rgx)");
+  // Loss gradient wrt the outputs z and the loss Hessian applied to rz; loss 0 = cross-entropy,
+  // 1 = MSE; reduction 0 = mean, 1 = sum.
+  m.def(
+      "loss_curvature(Tensor z, Tensor targets, Tensor rz, int loss, int reduction) -> "
+      "(Tensor grad, Tensor hz)");
+  // H V (ggn=False) or G V (ggn=True) of loss(program(inputs), targets) with respect to the params
+  // that have a direction [k, *param.shape]; one result per params entry (empty where none).
+  m.def(
+      "sequential_hvp(Tensor inputs, Tensor targets, Tensor[] params, Tensor?[] directions, "
+      "int[] program, float[] constants, int loss, int reduction, bool ggn) -> Tensor[]");
 }

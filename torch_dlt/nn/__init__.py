@@ -18,6 +18,18 @@ from torch_dlt.nn.generative import (
     unit_intervention,
 )
 from torch_dlt.nn.models import ACTIVATIONS, DeepCNN, DeepMLP, Erf, LeNet5, activation_layer
+from torch_dlt.nn.scattering import (
+    MorletFilterBank,
+    Scattering2D,
+    ScatteringFilters,
+    ScatteringNet,
+    gabor_2d,
+    morlet_2d,
+    morlet_filter_bank,
+    scattering2d,
+    scattering_channels,
+    scattering_padded_shape,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -40,4 +52,14 @@ __all__ = [
     "train_gan",
     "train_vae",
     "unit_intervention",
+    "MorletFilterBank",
+    "Scattering2D",
+    "ScatteringFilters",
+    "ScatteringNet",
+    "gabor_2d",
+    "morlet_2d",
+    "morlet_filter_bank",
+    "scattering2d",
+    "scattering_channels",
+    "scattering_padded_shape",
 ]

@@ -46,6 +46,10 @@ ACTIVATIONS: tuple = tuple(_ACTIVATION_LAYERS)
 _POOLINGS = ("avg", "max")
 
 
+def _input_check_hook(module: nn.Module, args: tuple) -> None:
+    module._check_input(args)
+
+
 def activation_layer(name: str) -> nn.Module:
     """A fresh activation module for ``name`` (one of :data:`ACTIVATIONS`).
 
@@ -149,14 +153,20 @@ class LeNet5(nn.Module):
                 fc3=nn.Linear(84, num_classes),
             )
         )
+        # The input check runs as a pre-hook, outside forward, so that torch.fx traces the
+        # forward as the plain chain of layers it is (the curvature and bound engines read it).
+        self.register_forward_pre_hook(_input_check_hook)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_input(self, args: tuple) -> None:
+        x = args[0]
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"LeNet5: expected input of shape [B, {', '.join(map(str, expected))}], "
                 f"got {tuple(x.shape)}"
             )
+
+    def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x).flatten(1))
 
     def extra_repr(self) -> str:
@@ -313,13 +323,19 @@ class DeepCNN(nn.Module):
         stack["flatten"] = nn.Flatten()
         stack["readout"] = nn.Linear(width, out_features, bias=bias)
         self.layers = nn.Sequential(stack)
+        # The input check runs as a pre-hook, outside forward, so that torch.fx traces the
+        # forward as the plain chain of layers it is (the curvature and bound engines read it).
+        self.register_forward_pre_hook(_input_check_hook)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_input(self, args: tuple) -> None:
+        x = args[0]
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"DeepCNN: expected input of shape [B, {self.in_channels}, H, W], "
                 f"got {tuple(x.shape)}"
             )
+
+    def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
 
     def extra_repr(self) -> str:

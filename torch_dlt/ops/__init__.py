@@ -17,9 +17,14 @@ from torch_dlt.ops._reference import Moments
 __all__ = ["Moments", "has_ops", "has_cuda_ops", "moments"]
 
 if _extension.load():
-    from torch_dlt.ops import _fake
+    from torch_dlt.ops import _fake, _filters_fake
 
     _fake.register()
+    _filters_fake.register()
+    if hasattr(torch.ops.torch_dlt, "sequential_hvp"):
+        from torch_dlt.ops import _hvp_fake
+
+        _hvp_fake.register()
 
 
 def has_ops() -> bool:
@@ -99,3 +104,36 @@ def moments(x: Tensor, dim: int = 0) -> Moments:
     if _use_compiled(x):
         return Moments(*torch.ops.torch_dlt.moments(x, dim))
     return _reference.moments(x, dim)
+
+
+from torch_dlt.ops.filters import (  # noqa: E402  (needs _use_compiled above)
+    SpectralSignature,
+    filter_grid,
+    spectral_signature,
+)
+
+__all__ += ["SpectralSignature", "filter_grid", "spectral_signature"]
+
+from torch_dlt.ops.hvp import (  # noqa: E402  (needs _use_compiled above)
+    ActivationKind,
+    LossKind,
+    Opcode,
+    Reduction,
+    activation_hvp_backward,
+    activation_jvp,
+    has_hvp_ops,
+    loss_curvature,
+    sequential_hvp,
+)
+
+__all__ += [
+    "ActivationKind",
+    "LossKind",
+    "Opcode",
+    "Reduction",
+    "activation_hvp_backward",
+    "activation_jvp",
+    "has_hvp_ops",
+    "loss_curvature",
+    "sequential_hvp",
+]

@@ -7,6 +7,18 @@ from torch_dlt.probes.connectivity import (
     find_curve,
     linear_barrier,
 )
+from torch_dlt.probes.hessian import (
+    CurvatureConvergenceWarning,
+    EigenResult,
+    GGNOperator,
+    HessianOperator,
+    SpectralDensity,
+    TraceEstimate,
+    hessian_index,
+    plot_spectral_density,
+    spectral_density,
+    top_eigenvalues,
+)
 from torch_dlt.probes.jacobian import JacobianSpectrum, jacobian_spectrum
 from torch_dlt.probes.landscape import (
     LandscapeSlice,
@@ -77,4 +89,14 @@ __all__ = [
     "slice_1d",
     "surface_2d",
     "top_hessian_eigenvalue",
+    "CurvatureConvergenceWarning",
+    "EigenResult",
+    "GGNOperator",
+    "HessianOperator",
+    "SpectralDensity",
+    "TraceEstimate",
+    "hessian_index",
+    "plot_spectral_density",
+    "spectral_density",
+    "top_eigenvalues",
 ]

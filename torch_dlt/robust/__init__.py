@@ -10,3 +10,77 @@
 """
 
 __all__: list[str] = []
+
+from torch_dlt.robust.certified import (  # noqa: E402
+    CertificationResult,
+    CertifiedAccuracy,
+    CertifiedLoss,
+    CertifiedTraining,
+    RampSchedule,
+    certified_accuracy,
+    certify,
+    evaluate_certified,
+    worst_case_logits,
+)
+
+__all__ += [
+    "CertificationResult",
+    "CertifiedAccuracy",
+    "CertifiedLoss",
+    "CertifiedTraining",
+    "RampSchedule",
+    "certified_accuracy",
+    "certify",
+    "evaluate_certified",
+    "worst_case_logits",
+]
+
+from torch_dlt.robust.lipschitz import (  # noqa: E402
+    LipschitzFactor,
+    LipschitzInterval,
+    lipschitz_factors,
+    lipschitz_interval,
+    lipschitz_lower_bound,
+    lipschitz_upper_bound,
+)
+
+__all__ += [
+    "LipschitzFactor",
+    "LipschitzInterval",
+    "lipschitz_factors",
+    "lipschitz_interval",
+    "lipschitz_lower_bound",
+    "lipschitz_upper_bound",
+]
+
+from torch_dlt.robust.bounds import (  # noqa: E402
+    Normalize,
+    Residual,
+    crown_bounds,
+    interval_bounds,
+    margin_matrix,
+)
+
+__all__ += ["Normalize", "Residual", "crown_bounds", "interval_bounds", "margin_matrix"]
+
+from torch_dlt.robust.attacks import (  # noqa: E402
+    AttackResult,
+    RobustnessResult,
+    deepfool,
+    fgsm,
+    pgd,
+    robustness,
+    spatial,
+    spatial_grid,
+)
+
+__all__ += [
+    "AttackResult",
+    "RobustnessResult",
+    "deepfool",
+    "fgsm",
+    "pgd",
+    "robustness",
+    "spatial",
+    "spatial_grid",
+]
