@@ -238,8 +238,13 @@ def test_errors_name_the_unsupported_layer_or_structure():
         lipschitz_upper_bound(nn.Sequential(nn.Linear(4, 4), _Square()), (1, 4))
     with pytest.raises(ValueError, match="not a chain of layers"):
         lipschitz_upper_bound(_Residual(), (1, 4))
-    with pytest.raises(ValueError, match=r"input of 'fc2'.*not the output of 'fc1'"):
-        lipschitz_upper_bound(_FunctionalRelu(), (1, 4))
+    hidden = _FunctionalRelu()
+    with pytest.raises(ValueError, match=r"applies 'relu' outside any layer"):
+        lipschitz_upper_bound(hidden, (1, 4))
+    with torch.no_grad():  # the ReLU now changes no value a probe input reaches: still refused
+        hidden.fc1.bias.fill_(100.0)
+    with pytest.raises(ValueError, match=r"applies 'relu' outside any layer"):
+        lipschitz_upper_bound(hidden, (1, 4))
     with pytest.raises(ValueError, match="discontinuous"):
         lipschitz_upper_bound(
             nn.Sequential(SparsifyingFrontEnd(5, size=4), nn.Flatten()), (1, 4, 4)

@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from torch_dlt.probes._state import forked_rng, restored_mode
 
@@ -191,6 +192,29 @@ def _float64_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo).double().eval()
 
 
+# What a forward pass may do between layers without changing any value.
+_VALUE_PRESERVING = {
+    "view", "reshape", "flatten", "unflatten", "contiguous", "size", "dim", "numel", "__get__",
+    "to", "double", "float", "type", "detach", "clone",
+}  # fmt: skip
+
+
+class _OpsBetweenLayers(TorchFunctionMode):
+    """Records the torch functions a forward pass calls outside every known layer, where a
+    functional ReLU or a residual addition would hide from the module hooks."""
+
+    def __init__(self, inside: list[int]) -> None:
+        super().__init__()
+        self.inside = inside
+        self.ops: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", repr(func))
+        if self.inside[0] == 0 and name not in _VALUE_PRESERVING:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 def _layer_chain(model: nn.Module, input_shape: tuple[int, ...], caller: str) -> list[_Call]:
     """Run a float64 eval copy of ``model`` once and read it as a chain of layers, checking that
     each layer's input is the previous layer's output (up to a reshape)."""
@@ -199,15 +223,22 @@ def _layer_chain(model: nn.Module, input_shape: tuple[int, ...], caller: str) ->
     unsupported: list[tuple[str, nn.Module]] = []
     handles = []
 
+    inside = [0]  # how many known layers' forward passes are running
+
+    def enter(mod, args):
+        inside[0] += 1
+
     def visit(prefix: str, module: nn.Module) -> None:
         if _atomic(module):
 
             def record(mod, args, output, name=prefix):
+                inside[0] -= 1
                 if len(args) != 1 or not isinstance(args[0], Tensor):
                     unsupported.append((name, mod))
                 else:
                     calls.append((name, mod, args[0], output))
 
+            handles.append(module.register_forward_pre_hook(enter, prepend=True))
             handles.append(module.register_forward_hook(record))
             return
         children = list(module.named_children())
@@ -230,9 +261,12 @@ def _layer_chain(model: nn.Module, input_shape: tuple[int, ...], caller: str) ->
     param = next(work.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     generator = torch.Generator(device).manual_seed(0)
-    x = torch.randn((1, *input_shape[1:]), generator=generator, dtype=torch.float64, device=device)
+    # Several samples, so that a functional op hidden between two layers (a ReLU, say) changes
+    # some value and the chain check below sees it.
+    x = torch.randn((8, *input_shape[1:]), generator=generator, dtype=torch.float64, device=device)
+    between = _OpsBetweenLayers(inside)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), between:
             output = work(x)
     except Exception as exc:
         raise ValueError(
@@ -249,6 +283,12 @@ def _layer_chain(model: nn.Module, input_shape: tuple[int, ...], caller: str) ->
             "supported: Linear, Conv1d/2d/3d, BatchNorm (eval), average and max pooling, "
             "Flatten, Dropout, Identity, Softmax and element-wise activations (ReLU, LeakyReLU, "
             "PReLU, ELU, SELU, CELU, GELU, SiLU, Tanh, Sigmoid, Softplus, hard variants)"
+        )
+    if between.ops:
+        raise ValueError(
+            f"{caller}: the model is not a chain of layers: it applies {between.ops[0]!r} "
+            "outside any layer the bound knows (a functional operation or a skip connection); "
+            "write the model as a sequence of modules"
         )
     if not calls:
         raise ValueError(f"{caller}: the model ran no layer; nothing to bound")
