@@ -39,7 +39,7 @@ from torch_dlt.data import digits, mnist  # noqa: E402
 from torch_dlt.nn import ScatteringNet  # noqa: E402
 
 MNIST_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
-FIGURE = Path(__file__).resolve().parent / "figures" / "scattering_mnist.png"
+FIGURE = Path(__file__).resolve().parent / "out" / "scattering_mnist.png"
 BRUNA_MALLAT_2013_MNIST_ERROR = 0.43  # percent, 60,000 training digits, their Table 4
 
 
