@@ -12,6 +12,9 @@ PY := $(VENV)/bin/python
 FORCE_CUDA ?= 1
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
+# Tests and benchmarks run single-threaded: on shared cores torch's worker threads spinning
+# against other processes make small models many times slower (override: OMP_NUM_THREADS=2).
+export OMP_NUM_THREADS ?= 1
 SOURCES := setup.py pyproject.toml tools/find_cuda.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
 .PHONY: all venv install test pytest pytest-noext cpptest lint demo bench clean
