@@ -58,7 +58,10 @@ test: lint pytest pytest-noext cpptest
 demo: install
 	$(PY) -m torch_dlt diagnose --out reports/diagnose.html
 
+# The peer libraries of the `peers` extra, installed beside the pinned torch (not the package
+# itself again). auto_LiRPA is not on PyPI for current torch: install it from its repository.
 bench: install
+	$(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers'])" | xargs $(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) benchmarks/run_all.py
 
 clean:
