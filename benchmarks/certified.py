@@ -11,7 +11,7 @@ with ``interval_reference=False`` against auto_LiRPA without sparse intermediate
 Reports the median time of a plain forward pass and of each bound, the ratio to the forward
 pass and the speed-up over auto_LiRPA, as JSON.
 
-Issue 8's targets: IBP <= 2.5x a forward; CROWN-IBP >= 2x and CROWN >= 5x faster than auto_LiRPA.
+Targets: IBP <= 2.5x a forward; CROWN-IBP >= 2x and CROWN >= 5x faster than auto_LiRPA.
 The certified-training step is timed by benchmarks/certified_training.py.
 
     OMP_NUM_THREADS=1 python benchmarks/certified.py [--quick]

@@ -13,7 +13,7 @@ zero_grad + loss + backward + optimiser step, for
 
 Before timing, both libraries' IBP and CROWN-IBP margin lower bounds on the batch are compared.
 Steps are interleaved in rounds; the ratios are medians over rounds of the ratio within a round,
-of CPU time (robust to other processes sharing the machine) and of wall time. Targets (issue 8):
+of CPU time (robust to other processes sharing the machine) and of wall time. Targets:
 CROWN-IBP step <= 15x a normal step, IBP step <= 4x.
 
     OMP_NUM_THREADS=1 python benchmarks/certified_training.py [--quick]

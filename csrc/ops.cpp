@@ -7,7 +7,7 @@ TORCH_LIBRARY(torch_dlt, m) {
   // Per-feature mean, population variance and excess kurtosis of x along `dim`, one pass over
   // memory with Chan/Pebay merges of block statistics. float32 and float64.
   m.def("moments(Tensor x, int dim) -> (Tensor mean, Tensor var, Tensor kurtosis)");
-  // Filter visualisation (issue 6). Conv weights [O, I, kh, kw] tiled into one image [C, H, W],
+  // Filter visualisation. Conv weights [O, I, kh, kw] tiled into one image [C, H, W],
   // each filter (or all of them) min-max / max-abs normalised; channels: 'rgb' | 'tiles' | 'mean'.
   m.def(
       "filter_grid(Tensor weight, int nrow, int padding, float pad_value, str normalize, "
@@ -18,7 +18,7 @@ TORCH_LIBRARY(torch_dlt, m) {
   m.def(
       "spectral_signature(Tensor weight, Tensor bin_index, int n_orient, int n_freq, "
       "int fft_size) -> (Tensor power, Tensor orientation, Tensor frequency, Tensor bandwidth)");
-  // Hessian- / Gauss-Newton-vector products by the R-operator (Pearlmutter 1994), issue 4.
+  // Hessian- / Gauss-Newton-vector products by the R-operator (Pearlmutter 1994).
   // R-tensors carry k directions as dim 1: [B, k, *x.shape[1:]]. activation kinds and the
   // sequential_hvp program encoding: torch_dlt/ops/_hvp_reference.py.
   // sigma'(x) v for an activation y = sigma(x).
