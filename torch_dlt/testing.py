@@ -18,8 +18,10 @@ from torch_dlt.nn.models import DeepCNN, DeepMLP
 __all__ = [
     "ModelSnapshot",
     "devices",
+    "gloo_available",
     "input_pair",
     "randn",
+    "run_gloo_workers",
     "seeded",
     "tiny_bn_dropout_net",
     "tiny_cnn",
@@ -257,3 +259,49 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 def _same_numpy_state(a: tuple, b: tuple) -> bool:
     return all(np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y for x, y in zip(a, b))
+
+
+def gloo_available() -> bool:
+    """Whether this torch can run ``torch.distributed`` on the gloo backend."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+def run_gloo_workers(worker: Callable[..., None], args: tuple, nprocs: int = 2) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` local processes and wait for all of them.
+
+    The workers start by fork where the platform has it (they inherit the imported modules,
+    torch._dynamo included, which DistributedDataParallel would otherwise import for seconds in
+    each) and by spawn elsewhere, with the worker's package root on their path. Both processes
+    live on this machine, so gloo uses the loopback interface: no hostname lookup, which
+    sandboxes without DNS can make hang. The caller's environment and path are restored.
+    """
+    import multiprocessing
+    import os
+    import sys
+    from pathlib import Path
+
+    saved_env, saved_path = os.environ.get("GLOO_SOCKET_IFNAME"), list(sys.path)
+    try:
+        if Path("/sys/class/net/lo").exists():
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        if "fork" in multiprocessing.get_all_start_methods():
+            import torch._dynamo  # noqa: F401
+
+            start_method = "fork"
+        else:
+            module = sys.modules[worker.__module__]
+            sys.path.insert(
+                0, str(Path(module.__file__).resolve().parents[module.__name__.count(".")])
+            )
+            start_method = "spawn"
+        torch.multiprocessing.start_processes(
+            worker, args=args, nprocs=nprocs, join=True, start_method=start_method
+        )
+    finally:
+        sys.path[:] = saved_path
+        if saved_env is None:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
+        else:
+            os.environ["GLOO_SOCKET_IFNAME"] = saved_env

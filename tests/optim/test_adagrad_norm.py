@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 from torch import nn
 
 from torch_dlt.optim import AdaGradNorm, adagrad_norm
-from torch_dlt.testing import randn
+from torch_dlt.testing import gloo_available, randn, run_gloo_workers
 
 SCOPES = ("global", "param_group", "layer")
 FOREACH = (False, True)
@@ -522,28 +520,11 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
-def _gloo_available() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_gloo_available()
-
-
-@pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with gloo is not available")
-def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path, monkeypatch):
-    # The spawned processes import this module by name: put its root on the path they inherit.
-    module = sys.modules[_ddp_worker.__module__]
-    root = Path(module.__file__).resolve().parents[module.__name__.count(".")]
-    monkeypatch.syspath_prepend(str(root))
-    if Path("/sys/class/net/lo").exists():
-        # Both processes live on this machine: gloo on the loopback interface needs no hostname
-        # lookup, which sandboxes without DNS can make hang or abort.
-        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+@pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
+def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     world_size = 2
-    torch.multiprocessing.spawn(
-        _ddp_worker,
-        args=(world_size, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=world_size,
-        join=True,
+    run_gloo_workers(
+        _ddp_worker, (world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size
     )
     model = _ddp_model()
     opt = AdaGradNorm(model.parameters(), lr=0.5, b0=0.1)

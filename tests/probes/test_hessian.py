@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +20,15 @@ from torch_dlt.probes.hessian import (
     top_eigenvalues,
     trace,
 )
-from torch_dlt.testing import ModelSnapshot, randn, seeded, tiny_bn_dropout_net, tiny_mlp
+from torch_dlt.testing import (
+    ModelSnapshot,
+    gloo_available,
+    randn,
+    run_gloo_workers,
+    seeded,
+    tiny_bn_dropout_net,
+    tiny_mlp,
+)
 
 # "ext" runs everywhere: the compiled R-operator ops where built, their reference otherwise.
 BACKENDS = ["func", "autograd", "ext"]
@@ -514,24 +520,9 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with gloo is not available",
-)
-def test_two_gloo_processes_give_the_one_process_operator(tmp_path, monkeypatch):
-    module = sys.modules[_ddp_worker.__module__]
-    root = Path(module.__file__).resolve().parents[module.__name__.count(".")]
-    monkeypatch.syspath_prepend(str(root))
-    if Path("/sys/class/net/lo").exists():
-        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    # fork: the workers inherit the imported modules instead of importing torch again.
-    torch.multiprocessing.start_processes(
-        _ddp_worker,
-        args=(2, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=2,
-        join=True,
-        start_method="fork",
-    )
+@pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
+def test_two_gloo_processes_give_the_one_process_operator(tmp_path):
+    run_gloo_workers(_ddp_worker, (2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     model = _ddp_model()
     x, y = _ddp_data()
     V = randn(sum(p.numel() for p in model.parameters()), 2, seed=10)

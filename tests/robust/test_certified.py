@@ -5,8 +5,6 @@ robust loss against its definition, training on a toy problem, and DistributedDa
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from torch_dlt.robust.certified import (
     evaluate_certified,
     worst_case_logits,
 )
-from torch_dlt.testing import ModelSnapshot, seeded
+from torch_dlt.testing import ModelSnapshot, gloo_available, run_gloo_workers, seeded
 
 METHODS = ("ibp", "crown-ibp", "crown", "wong-kolter", "alpha-crown")
 
@@ -405,38 +403,11 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
-def _gloo_available() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_gloo_available()
-
-
-@pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with gloo is not available")
-def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path, monkeypatch):
-    import multiprocessing
-
-    if Path("/sys/class/net/lo").exists():
-        # Both processes live on this machine: gloo on the loopback interface needs no hostname
-        # lookup, which sandboxes without DNS can make hang or abort.
-        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    if "fork" in multiprocessing.get_all_start_methods():
-        # DistributedDataParallel imports torch._dynamo (seconds); forked workers inherit it
-        # from here instead of each importing it again. They run one thread, so fork is safe.
-        import torch._dynamo  # noqa: F401
-
-        start_method = "fork"
-    else:
-        module = sys.modules[_ddp_worker.__module__]
-        root = Path(module.__file__).resolve().parents[module.__name__.count(".")]
-        monkeypatch.syspath_prepend(str(root))
-        start_method = "spawn"
+@pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
+def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     world_size = 2
-    torch.multiprocessing.start_processes(
-        _ddp_worker,
-        args=(world_size, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=world_size,
-        join=True,
-        start_method=start_method,
+    run_gloo_workers(
+        _ddp_worker, (world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size
     )
     model = _ddp_model()
     trainer = _ddp_trainer(model)
