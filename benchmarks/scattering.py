@@ -8,9 +8,9 @@ median over rounds of kymatio / ours within a round, so that a noisy neighbour o
 machine slows both sides of a ratio alike; the ratio of the best rounds is recorded too.
 Besides wall-clock time it records the process's CPU time per call (all threads), which a
 loaded machine disturbs less. Also counts the ATen ops one forward launches. The thread count
-is recorded; run with OMP_NUM_THREADS=1 and =2.
+is recorded in the JSON's name; run with OMP_NUM_THREADS=1 and =2 (or --threads 1 / 2).
 
-    python benchmarks/scattering.py [--quick]
+    python benchmarks/scattering.py [--quick] [--threads N]
 """
 
 from __future__ import annotations
@@ -117,7 +117,12 @@ def run_workload(shape: tuple[int, ...], J: int, rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round instead of five")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: as set)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rounds = 1 if args.quick else 5
     results = []
     for shape, J in WORKLOADS:

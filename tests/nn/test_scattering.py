@@ -205,6 +205,59 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-6)
 
 
+def test_gradcheck_float64_subsampling_by_four():
+    # J = 3: the second-order paths from j1 = 0 to j2 = 2 sum 4 x 4 aliases (the batched-GEMM
+    # path), the others 1 or 2 x 2 (the multiply-add path with its own backward).
+    layer = Scattering2D(3, (8, 8), L=1).double()
+    x = torch.rand(1, 8, 8, generator=seeded(13), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_gradgradcheck_float64():
+    # Second derivatives (e.g. an input-gradient penalty) go through the hand-written backwards.
+    layer = Scattering2D(2, (4, 4), L=1).double()
+    x = torch.rand(1, 4, 4, generator=seeded(19), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("J, L, shape", [(2, 4, (12, 12)), (3, 2, (16, 16))])
+def test_gradient_matches_kymatio(J, L, shape):
+    x = torch.rand(2, *shape, generator=seeded(J + L))
+    expected_out = _kymatio(J, shape, L, 2)(x)
+    weights = torch.randn(expected_out.shape, generator=seeded(17))
+    x_ours, x_peer = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (Scattering2D(J, shape, L=L)(x_ours) * weights).sum().backward()
+    (_kymatio(J, shape, L, 2)(x_peer) * weights).sum().backward()
+    scale = x_peer.grad.abs().max()
+    torch.testing.assert_close(x_ours.grad, x_peer.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_gradcheck_with_respect_to_the_wavelets():
+    bank = morlet_filter_bank(scattering_padded_shape((4, 4), 1), 1, 2, dtype=torch.float64)
+    x = torch.rand(2, 4, 4, generator=seeded(21), dtype=torch.float64)
+
+    def first_order(psi):
+        return scattering2d(x, bank.fourier._replace(psi=(psi,)), max_order=1)
+
+    psi = bank.fourier.psi[0].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(first_order, (psi,), eps=1e-6, atol=1e-6)
+    # The same values as the path without gradient for the wavelets.
+    torch.testing.assert_close(first_order(psi), first_order(psi.detach()))
+
+
+def test_public_fft_fallback_gives_the_same_values_and_gradients(monkeypatch):
+    # Without the two-sided real-to-complex op, the transform runs on torch.fft.fft2.
+    layer = Scattering2D(2, (8, 8), L=2).double()
+    x = torch.rand(2, 8, 8, generator=seeded(23), dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    monkeypatch.setattr(scattering_module, "_HAS_R2C", False)
+    out_public = layer(x)
+    (grad_public,) = torch.autograd.grad(out_public.square().sum(), x)
+    torch.testing.assert_close(out_public, out, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_public, grad, rtol=1e-10, atol=1e-12)
+
+
 def test_gradient_finite_at_zero_modulus():
     layer = Scattering2D(2, (8, 8), L=4)
     x = torch.zeros(1, 8, 8, requires_grad=True)
@@ -216,6 +269,7 @@ def test_gradient_finite_at_zero_modulus():
 def test_leading_dimensions_equal_per_image_loop(monkeypatch, chunk_bytes):
     # One image per CPU chunk, and all of them in one chunk.
     monkeypatch.setattr(scattering_module, "_CPU_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(scattering_module, "_CPU_CHUNK_MIN_IMAGES", 1)
     layer = Scattering2D(2, (12, 12), L=4).double()
     x = torch.rand(2, 3, 12, 12, generator=seeded(4), dtype=torch.float64)
     batched = layer(x)
@@ -223,6 +277,55 @@ def test_leading_dimensions_equal_per_image_loop(monkeypatch, chunk_bytes):
     for i in range(2):
         for c in range(3):
             torch.testing.assert_close(batched[i, c], layer(x[i, c]), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "J, L, shape, max_order, lead", [(2, 3, (12, 12), 2, (2, 1)), (3, 2, (16, 16), 1, (2,))]
+)
+def test_list_output_matches_kymatio(J, L, shape, max_order, lead):
+    x = torch.rand(*lead, *shape, generator=seeded(J * 7 + L))
+    kymatio = pytest.importorskip("kymatio")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peer = kymatio.Scattering2D(
+            J, shape, L=L, max_order=max_order, frontend="torch", out_type="list"
+        )
+    expected = peer(x)
+    got = Scattering2D(J, shape, L=L, max_order=max_order, out_type="list")(x)
+    assert len(got) == len(expected) == scattering_channels(J, L, max_order)
+    for ours, theirs in zip(got, expected):
+        assert set(ours) == set(theirs) == {"coef", "j", "n", "theta"}
+        assert (ours["j"], ours["n"], ours["theta"]) == (theirs["j"], theirs["n"], theirs["theta"])
+        assert ours["coef"].shape == theirs["coef"].shape == (*lead, *got[0]["coef"].shape[-2:])
+        scale = theirs["coef"].abs().max()
+        torch.testing.assert_close(ours["coef"], theirs["coef"], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_list_output_is_the_array_split_by_path():
+    J, L, shape = 2, 2, (8, 8)
+    x = torch.rand(3, *shape, generator=seeded(8))
+    array = Scattering2D(J, shape, L=L)(x)
+    bank = morlet_filter_bank(scattering_padded_shape(shape, J), J, L)
+    paths = scattering2d(x, bank.fourier, out_type="list")
+    # Brute force: enumerate kymatio's path order (order 0; (j1, t1); (j1, t1, j2 > j1, t2)).
+    order = [((), ())] + [((j,), (t,)) for j in range(J) for t in range(L)]
+    order += [((0, 1), (t1, t2)) for t1 in range(L) for t2 in range(L)]
+    assert [(p["j"], p["theta"]) for p in paths] == order
+    assert [p["n"] for p in paths][1 + J * L] == (0, L)
+    for channel, path in enumerate(paths):
+        torch.testing.assert_close(path["coef"], array[:, channel], rtol=0, atol=0)
+    assert "out_type='list'" in repr(Scattering2D(J, shape, L=L, out_type="list"))
+
+
+@pytest.mark.parametrize("out_type", ["tensor", None, "ARRAY"])
+def test_bad_out_type(out_type):
+    with pytest.raises(
+        ValueError, match=r"Scattering2D: out_type must be one of \('array', 'list'\)"
+    ):
+        Scattering2D(2, (8, 8), out_type=out_type)
+    bank = morlet_filter_bank(scattering_padded_shape((8, 8), 2), 2, 2)
+    with pytest.raises(ValueError, match=r"scattering2d: out_type must be one of"):
+        scattering2d(torch.rand(8, 8), bank.fourier, out_type=out_type)
 
 
 def test_functional_equals_module_and_extra_repr():

@@ -11,9 +11,10 @@ Gaussian low-pass :math:`\phi_J`:
 
 Filters, padding, subsampling and the channel order are those of kymatio 0.3 (Andreux et al.
 2020), so its outputs and ours agree to float rounding and a trained classifier carries over.
-All wavelets of a scale, and all second-order paths leaving a scale, go through one batched GEMM
-that also sums the aliases of the Fourier subsampling; the Gaussian average is two GEMMs (it is
-separable), so no FFT follows a last modulus.
+All wavelets of a scale, and all second-order paths leaving a scale, are multiplied at once and
+subsampled by summing the aliases of the Fourier subsampling (a few broadcast multiply-adds, or a
+batched GEMM for large factors); real signals use the real-to-complex FFT; the Gaussian average
+is two GEMMs (it is separable), so no FFT follows a last modulus.
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ __all__ = [
 _KYMATIO_TWO_PI = 2 * 3.1415
 # Periodic copies of an atom summed on each side of the grid (kymatio's 5 x 5 tiles).
 _TILES = 2
-# Working-set target of one chunk of images on the CPU (a few times a core's L2 cache).
-_CPU_CHUNK_BYTES = 2**23
+# Working-set target of one chunk of images on the CPU (a few times a core's L2 cache), and the
+# fewest images in a chunk, below which the per-op overhead of a chunk outweighs the cache.
+_CPU_CHUNK_BYTES = 2**22
+_CPU_CHUNK_MIN_IMAGES = 4
+# The real-to-complex FFT with a two-sided output (see _real_fft2).
+_HAS_R2C = hasattr(torch, "_fft_r2c")
 
 
 class ScatteringFilters(NamedTuple):
@@ -364,14 +369,58 @@ def _reflect_pad(images: Tensor, padded: tuple[int, int]) -> Tensor:
     return images[..., rows_t[:, None], cols_t[None, :]]
 
 
+class _AliasedProducts(torch.autograd.Function):
+    """Wavelet products of spectra, subsampled by summing their ``k x k`` aliases.
+
+    ``[B, M, N, 2]`` (real, imaginary) spectra and ``[L, k, M / k, k, N / k, 2]`` scaled
+    wavelets (real, repeated for both parts) -> ``[L, B, M / k, N / k, 2]``. One broadcast
+    multiply-add per alias, batch-first throughout: no gather of the aliases and no copy to
+    the layout of the inverse FFT that follows.
+    """
+
+    @staticmethod
+    def forward(pairs: Tensor, weights: Tensor, k: int) -> Tensor:
+        signals = pairs.reshape(1, pairs.shape[0], k, pairs.shape[1] // k, k, -1, 2)
+        aliases = [(a, b) for a in range(k) for b in range(k)]
+        products = weights[:, None, 0, :, 0] * signals[:, :, 0, :, 0]
+        for a, b in aliases[1:]:
+            products.addcmul_(weights[:, None, a, :, b], signals[:, :, a, :, b])
+        return products
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, int], output: Tensor) -> None:
+        pairs, weights, k = inputs
+        ctx.save_for_backward(weights)
+        ctx.k, ctx.shape = k, pairs.shape
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (weights,) = ctx.saved_tensors
+        k, (batch, m, n, _) = ctx.k, ctx.shape
+        if torch.is_grad_enabled():
+            # Differentiable (a second derivative is being built): plain ops.
+            per_alias = grad[:, :, None, :, None] * weights[:, None]
+            return per_alias.sum(0).reshape(batch, m, n, 2), None, None
+        grad_pairs = grad.new_empty(batch, k, m // k, k, n // k, 2)
+        # Accumulated wavelet by wavelet into each alias: no L-times larger temporary.
+        for a in range(k):
+            for b in range(k):
+                alias = grad_pairs[:, a, :, b]
+                torch.mul(grad[0], weights[0, a, :, b], out=alias)
+                for wavelet in range(1, grad.shape[0]):
+                    alias.addcmul_(grad[wavelet], weights[wavelet, a, :, b])
+        return grad_pairs.reshape(batch, m, n, 2), None, None
+
+
 def _wavelet_products(spectrum: Tensor, psi: Tensor, k: int) -> Tensor:
     """Spectra of the signal convolved with each wavelet and subsampled by ``k`` in space.
 
-    Subsampling averages the ``k x k`` aliases of the product (kymatio's Fourier subsampling),
-    so at each coarse frequency the result is a ``[L, k*k] @ [k*k, batch]`` product: one batched
-    GEMM over frequencies, with real and imaginary parts as two batch columns, never holding
-    the ``L``-times larger full-resolution product. The spectra come batch-first (FFTs over the
-    last dimensions are the fast ones) and gathering the aliases frequency-first is the one copy.
+    Subsampling averages the ``k x k`` aliases of the product (kymatio's Fourier subsampling).
+    Up to ``k = 2`` the aliases are summed by broadcast multiply-adds (:class:`_AliasedProducts`);
+    beyond, at each coarse frequency the sum is a ``[L, k*k] @ [k*k, batch]`` product: one
+    batched GEMM over frequencies, with real and imaginary parts as two batch columns, the
+    aliases gathered frequency-first and the products moved back batch-first. Either way the
+    ``L``-times larger full-resolution product is never held.
 
     Args:
         spectrum (Tensor[*batch, M, N], complex): spectra.
@@ -379,61 +428,107 @@ def _wavelet_products(spectrum: Tensor, psi: Tensor, k: int) -> Tensor:
         k (int): subsampling factor (divides ``M`` and ``N``).
 
     Returns:
-        Tensor[M / k, N / k, L, *batch]: complex spectra at the coarse resolution.
+        Tensor[L, *batch, M / k, N / k], complex: spectra at the coarse resolution, scaled by
+        ``k^2 / (M N)`` for the unnormalised inverse DFT of :func:`_modulus`.
     """
     *batch, m, n = spectrum.shape
     wavelets = psi.shape[0]
     mk, nk = m // k, n // k
-    aliases = (
-        torch.view_as_real(spectrum)
-        .reshape(-1, k, mk, k, nk, 2)
-        .permute(2, 4, 1, 3, 0, 5)
-        .reshape(mk * nk, k * k, -1)
-    )
-    weights = psi.reshape(wavelets, k, mk, k, nk).permute(2, 4, 0, 1, 3)
-    if k > 1:
-        weights = weights / (k * k)
+    # Averaging the aliases divides by k * k, and the unnormalised inverse DFT that follows
+    # leaves its 1 / (M N / k^2) here too.
+    psi = psi / (m * n)
+    pairs = torch.view_as_real(spectrum)
+    # _AliasedProducts gives no gradient to the wavelets; wavelets that need one (filters
+    # being learned) take the batched-GEMM path, which autograd differentiates fully.
+    if k <= 2 and not psi.requires_grad:
+        weights = psi.reshape(wavelets, k, mk, k, nk, 1).expand(-1, -1, -1, -1, -1, 2)
+        products = _AliasedProducts.apply(pairs.reshape(-1, m, n, 2), weights.contiguous(), k)
+        return torch.view_as_complex(products).reshape(wavelets, *batch, mk, nk)
+    aliases = pairs.reshape(-1, k, mk, k, nk, 2).permute(2, 4, 1, 3, 0, 5)
     # Contiguous: bmm falls back to one GEMM per frequency on operands with odd strides.
-    weights = weights.contiguous().reshape(mk * nk, wavelets, k * k)
-    # Without subsampling the "GEMM" is an outer product, which a broadcast multiply does better.
-    products = weights * aliases if k == 1 else torch.bmm(weights, aliases)
-    return torch.view_as_complex(products.reshape(mk, nk, wavelets, *batch, 2))
+    weights = psi.reshape(wavelets, k, mk, k, nk).permute(2, 4, 0, 1, 3).contiguous()
+    products = torch.bmm(
+        weights.reshape(mk * nk, wavelets, k * k), aliases.reshape(mk * nk, k * k, -1)
+    )
+    spectra = torch.view_as_complex(products.reshape(mk, nk, wavelets, *batch, 2))
+    return spectra.movedim((0, 1), (-2, -1)).contiguous()
 
 
-class _PairModulus(torch.autograd.Function):
-    """Modulus of (real, imaginary) pairs, with the subgradient 0 at 0.
+class _SpectrumModulus(torch.autograd.Function):
+    """Modulus of the inverse DFT over the last two dimensions: ``[*batch, M, N]`` complex
+    spectra -> ``[*batch, M, N]`` moduli.
 
-    On the CPU, complex ``abs`` writes a complex result and copies its real part out, a norm over
-    the size-2 last dimension is a slow inner reduction, and ``hypot`` is a slow libm call whose
-    gradient is NaN at 0 (as is that of ``sqrt``).
+    The inverse DFT is unnormalised (:func:`_wavelet_products` folds the ``1 / (M N)`` into the
+    wavelets, saving a pass). The gradient is written out: the subgradient of the modulus is 0
+    at 0 (``torch.abs`` would give NaN there through ``sqrt``), the adjoint of the unnormalised
+    inverse DFT is the unnormalised forward DFT, and no autograd view leaves a copy behind. The
+    complex signal is a second output, saved for the backward; its gradient only arises when
+    differentiating the backward itself (second derivatives), which it then makes exact.
     """
 
     @staticmethod
-    def forward(pairs: Tensor) -> Tensor:
-        real, imag = pairs[..., 0], pairs[..., 1]
-        return torch.addcmul(real * real, imag, imag).sqrt_()
+    def forward(spectrum: Tensor) -> tuple[Tensor, Tensor]:
+        signal = torch.fft.ifft2(spectrum, norm="forward")
+        # In place after the first square: every fresh large buffer costs page faults.
+        pairs = torch.view_as_real(signal)
+        modulus = pairs[..., 0].square()
+        return modulus.addcmul_(pairs[..., 1], pairs[..., 1]).sqrt_(), signal
 
     @staticmethod
-    def setup_context(ctx, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0], output)
+    def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
+        modulus, signal = output
+        # No zero gradient is built for the signal when nothing uses it.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(signal, modulus)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        pairs, modulus = ctx.saved_tensors
-        # grad / |z| is infinite or NaN only where |z| = 0, where the subgradient is 0.
-        scale = torch.nan_to_num_(grad / modulus, nan=0.0, posinf=0.0, neginf=0.0)
-        return pairs * scale[..., None]
+    def backward(ctx, grad: Tensor | None, grad_signal: Tensor | None) -> Tensor | None:
+        if grad is None and grad_signal is None:
+            return None
+        signal, modulus = ctx.saved_tensors
+        if grad is not None:
+            # grad / |z| is infinite or NaN only where |z| = 0, where the subgradient is 0.
+            scale = torch.nan_to_num(grad / modulus, nan=0.0, posinf=0.0, neginf=0.0)
+            if torch.is_grad_enabled():
+                # Differentiable (a second derivative is being built): plain ops.
+                from_modulus = signal * scale
+            else:
+                # Real and imaginary parts scaled into a new complex tensor: complex * real
+                # would first copy the real factor to complex.
+                from_modulus = torch.empty_like(signal)
+                pairs, out = torch.view_as_real(signal), torch.view_as_real(from_modulus)
+                torch.mul(pairs[..., 0], scale, out=out[..., 0])
+                torch.mul(pairs[..., 1], scale, out=out[..., 1])
+            grad_signal = from_modulus if grad_signal is None else from_modulus + grad_signal
+        return torch.fft.fft2(grad_signal)
+
+
+def _real_fft2(signal: Tensor) -> Tensor:
+    """Full 2D DFT over the last two dimensions of a real signal.
+
+    ``torch.fft.fft2`` copies a real input to complex and runs a complex transform; the
+    real-to-complex transform with the full (two-sided) output is several times faster and
+    differentiable. It is an ATen op without a public Python wrapper, so a torch without it
+    gets the public transform.
+    """
+    if _HAS_R2C:
+        return torch._fft_r2c(signal, [signal.dim() - 2, signal.dim() - 1], 0, False)
+    return torch.fft.fft2(signal)
 
 
 def _modulus(spectrum: Tensor) -> Tensor:
-    """Complex modulus of the signal with the given spectrum (frequencies first)."""
-    signal = torch.fft.ifft2(spectrum, dim=(0, 1))
-    return _PairModulus.apply(torch.view_as_real(signal))
+    """``[*batch, M, N]`` unnormalised spectra -> ``[*batch, M, N]`` moduli of their signals."""
+    return _SpectrumModulus.apply(spectrum)[0]
 
 
 def scattering2d(
-    x: Tensor, filters: ScatteringFilters, *, max_order: int = 2, pre_pad: bool = False
-) -> Tensor:
+    x: Tensor,
+    filters: ScatteringFilters,
+    *,
+    max_order: int = 2,
+    pre_pad: bool = False,
+    out_type: str = "array",
+) -> Tensor | list[dict]:
     r"""The 2D scattering transform of ``x`` with the given filters (Bruna & Mallat 2013).
 
     ``J`` and ``L`` are read from ``filters`` (see :func:`morlet_filter_bank`). Unless
@@ -450,11 +545,17 @@ def scattering2d(
             (``morlet_filter_bank(...).fourier`` or :attr:`Scattering2D.filters`).
         max_order (int): 1 or 2.
         pre_pad (bool): ``x`` is already padded to ``[..., Mp, Np]``.
+        out_type (str): ``"array"`` for one tensor, ``"list"`` for one entry per path (see
+            Returns).
 
     Returns:
-        Tensor[..., K, Mp / 2^J - 2, Np / 2^J - 2]: the scattering coefficients, ``K =``
-        :func:`scattering_channels` ``(J, L, max_order)``; without ``pre_pad`` the spatial
-        size is ``M / 2**J x N / 2**J`` when ``2**J`` divides ``M`` and ``N``.
+        Tensor[..., K, Mp / 2^J - 2, Np / 2^J - 2] | list[dict]: the scattering coefficients,
+        ``K =`` :func:`scattering_channels` ``(J, L, max_order)``; without ``pre_pad`` the
+        spatial size is ``M / 2**J x N / 2**J`` when ``2**J`` divides ``M`` and ``N``. With
+        ``out_type="list"``, the ``K`` paths in the same order, each a dict as kymatio 0.3's:
+        ``"coef"`` (Tensor[..., Mp / 2^J - 2, Np / 2^J - 2], a view of the array) and the
+        tuples ``"j"`` (scales), ``"theta"`` (orientation indices) and ``"n"`` (wavelet
+        indices ``j * L + theta``), empty for order 0, one entry for order 1, two for order 2.
 
     Example:
         >>> bank = morlet_filter_bank(scattering_padded_shape((16, 16), J=2), J=2, L=4)
@@ -469,6 +570,7 @@ def scattering2d(
         )
     if max_order not in (1, 2):
         raise ValueError(f"{owner}: max_order must be 1 or 2, got {max_order!r}")
+    _check_out_type(out_type, owner)
     J = len(filters.phi)
     padded = tuple(filters.phi[0].shape)
     _check_input(x, owner)
@@ -495,28 +597,28 @@ def scattering2d(
 
     def average(u: Tensor, resolution: int) -> Tensor:
         # phi_J is separable: [*batch, M_r, N_r] -> [*batch, out_m, out_n] by one GEMM along
-        # columns and one along rows, each with the whole batch folded into its rows.
-        along_cols = u @ cols_t[resolution]
-        return (along_cols.transpose(-1, -2) @ rows_t[resolution]).transpose(-1, -2)
-
-    def modulus(spectra: Tensor) -> Tensor:
-        # [M, N, *batch] spectra -> [*batch, M, N] moduli; the inverse FFT over the leading
-        # dimensions already lays its output out batch-first, so the move is free.
-        return _modulus(spectra).movedim((0, 1), (-2, -1))
+        # columns and one along rows, each with the whole batch folded into its rows. Both are
+        # plain 2D GEMMs: a batched product with a broadcast operand has a backward that loops
+        # over the batch one small matrix at a time.
+        *batch, m, n = u.shape
+        rows, cols = rows_t[resolution], cols_t[resolution]
+        along_cols = (u.reshape(-1, n) @ cols).reshape(-1, m, cols.shape[1])
+        along_rows = along_cols.transpose(1, 2).reshape(-1, m) @ rows
+        return along_rows.reshape(*batch, cols.shape[1], rows.shape[1]).transpose(-1, -2)
 
     def transform(images: Tensor) -> Tensor:
         batch = images.shape[0]
         coefficients = [average(images, 0)[:, None]]
-        x_hat = torch.fft.fft2(images)
+        x_hat = _real_fft2(images)
         u1_hat = []
         for j1 in range(J):
-            u1 = modulus(_wavelet_products(x_hat, psi[0][j1], 2**j1))  # [L, B, M1, N1]
+            u1 = _modulus(_wavelet_products(x_hat, psi[0][j1], 2**j1))  # [L, B, M1, N1]
             coefficients.append(average(u1, j1).transpose(0, 1))
             if max_order == 2 and j1 < J - 1:
-                u1_hat.append(torch.fft.fft2(u1))
+                u1_hat.append(_real_fft2(u1))
         for j1, spectrum in enumerate(u1_hat):
             paths = [
-                average(modulus(_wavelet_products(spectrum, psi[j1][j2], 2 ** (j2 - j1))), j2)
+                average(_modulus(_wavelet_products(spectrum, psi[j1][j2], 2 ** (j2 - j1))), j2)
                 for j2 in range(j1 + 1, J)
             ]
             # [j2, theta2, theta1, B, m, n] -> [B, (theta1, j2, theta2), m, n], kymatio's order.
@@ -528,17 +630,45 @@ def scattering2d(
     images = x.reshape(-1, *x.shape[-2:])
     if not pre_pad:
         images = _reflect_pad(images, padded)
-    # Wavelet products gather each spectrum's aliases frequency-first, so that one batched GEMM
-    # per coarse frequency multiplies and subsamples them; FFTs, moduli and averages run
-    # batch-first over the last two dimensions. On the CPU, images go through in chunks whose
-    # largest intermediate (the second-order products) stays cache-sized.
+    # Wavelet products, FFTs, moduli and averages all run batch-first over the last two
+    # dimensions. On the CPU, images go through in chunks whose largest intermediate (the
+    # second-order products) stays cache-sized.
     chunk = images.shape[0]
     if images.device.type == "cpu":
         wavelets = psi[0].shape[1]
         per_image = 2 * images.element_size() * wavelets * max(wavelets // 2, 1) * math.prod(padded)
-        chunk = max(1, _CPU_CHUNK_BYTES // per_image)
+        chunk = max(_CPU_CHUNK_MIN_IMAGES, _CPU_CHUNK_BYTES // per_image)
     out = torch.cat([transform(part) for part in images.split(chunk)])
-    return out.reshape(*batch_shape, *out.shape[1:])
+    out = out.reshape(*batch_shape, *out.shape[1:])
+    if out_type == "list":
+        return _path_list(out, J, psi[0].shape[1], max_order)
+    return out
+
+
+_OUT_TYPES = ("array", "list")
+
+
+def _check_out_type(out_type: object, owner: str) -> None:
+    if not isinstance(out_type, str) or out_type not in _OUT_TYPES:
+        raise ValueError(f"{owner}: out_type must be one of {_OUT_TYPES}, got {out_type!r}")
+
+
+def _path_list(out: Tensor, J: int, L: int, max_order: int) -> list[dict]:
+    """The channels of ``out [..., K, m, n]`` as kymatio 0.3's list of per-path dicts."""
+    paths: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((), ())]
+    paths += [((j1,), (t1,)) for j1 in range(J) for t1 in range(L)]
+    if max_order == 2:
+        paths += [
+            ((j1, j2), (t1, t2))
+            for j1 in range(J)
+            for t1 in range(L)
+            for j2 in range(j1 + 1, J)
+            for t2 in range(L)
+        ]
+    return [
+        {"coef": coef, "j": j, "n": tuple(s * L + t for s, t in zip(j, theta)), "theta": theta}
+        for coef, (j, theta) in zip(out.unbind(-3), paths)
+    ]
 
 
 def _check_input(x: object, owner: str) -> None:
@@ -565,6 +695,9 @@ class Scattering2D(nn.Module):
         L (int): number of orientations.
         max_order (int): 1 or 2.
         pre_pad (bool): inputs come already padded to :attr:`padded_shape`.
+        out_type (str): ``"array"`` (the output below) or ``"list"``: one dict per path,
+            ``{"coef": Tensor[..., M', N'], "j": ..., "theta": ..., "n": ...}`` as kymatio 0.3
+            (see :func:`scattering2d`).
 
     Shape:
         - Input: ``[..., M, N]`` (``[..., Mp, Np]`` with ``pre_pad``)
@@ -584,9 +717,11 @@ class Scattering2D(nn.Module):
         L: int = 8,
         max_order: int = 2,
         pre_pad: bool = False,
+        out_type: str = "array",
     ) -> None:
         super().__init__()
         owner = "Scattering2D"
+        _check_out_type(out_type, owner)
         _check_int(J, "J", owner, 1)
         _check_int(L, "L", owner, 1)
         m, n = _check_shape(shape, owner)
@@ -599,6 +734,7 @@ class Scattering2D(nn.Module):
             )
         self.J, self.L, self.shape = J, L, (m, n)
         self.max_order, self.pre_pad = max_order, bool(pre_pad)
+        self.out_type = out_type
         self.padded_shape = scattering_padded_shape((m, n), J)
         bank = morlet_filter_bank(self.padded_shape, J, L)
         for r, phi in enumerate(bank.fourier.phi):
@@ -631,7 +767,7 @@ class Scattering2D(nn.Module):
         """Spatial size of the output."""
         return (self.padded_shape[0] // 2**self.J - 2, self.padded_shape[1] // 2**self.J - 2)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | list[dict]:
         _check_input(x, "Scattering2D")
         expected = self.padded_shape if self.pre_pad else self.shape
         if tuple(x.shape[-2:]) != expected:
@@ -640,12 +776,19 @@ class Scattering2D(nn.Module):
                 f"{', pre_pad=True' if self.pre_pad else ''}) expects input "
                 f"[..., {expected[0]}, {expected[1]}], got {list(x.shape)}"
             )
-        return scattering2d(x, self.filters, max_order=self.max_order, pre_pad=self.pre_pad)
+        return scattering2d(
+            x,
+            self.filters,
+            max_order=self.max_order,
+            pre_pad=self.pre_pad,
+            out_type=self.out_type,
+        )
 
     def extra_repr(self) -> str:
         return (
             f"J={self.J}, shape={self.shape}, L={self.L}, max_order={self.max_order}"
             f"{', pre_pad=True' if self.pre_pad else ''}"
+            f"{', out_type=' + repr(self.out_type) if self.out_type != 'array' else ''}"
         )
 
 
