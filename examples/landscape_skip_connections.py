@@ -1,24 +1,32 @@
-"""Skip connections make deep loss landscapes smooth: plain vs residual CNNs, with/without BN.
+"""Skip connections and deep loss landscapes: plain vs residual CNNs, with/without BN.
 
 Li, Xu, Taylor, Studer & Goldstein (2018), "Visualizing the loss landscape of neural nets",
 Sec. 5 / Fig. 5: as a plain CNN gets deeper its loss surface, seen along two filter-normalised
 random directions, turns from convex-looking to chaotic; the same network with the identity
 shortcuts of He et al. (2016) keeps a wide, nearly convex basin. Here four nets of the same
 depth (a stem convolution, residual-style blocks of two 3x3 convolutions, global pooling, a
-linear head), on the real 8x8 digits:
+linear head; 25 convolutions by default, 11 with --quick), on the real 8x8 digits:
 
     plain            x -> relu(conv(relu(conv(x))))
     residual         x -> relu(x + conv(relu(conv(x))))
     plain + BN       x -> relu(bn(conv(relu(bn(conv(x))))))
     residual + BN    x -> relu(x + bn(conv(relu(bn(conv(x))))))
 
-are trained briefly with the same SGD, then the training loss is evaluated on the plane
+are trained briefly with the same Adam schedule (SGD at one step size leaves the deep plain net
+without BatchNorm at chance), then the training loss is evaluated on the plane
 ``w + alpha d1 + beta d2`` (surface_2d, eval mode so BatchNorm uses its running statistics;
 BatchNorm parameters and biases are not moved, as in Li et al.) and drawn as contours on the same
-levels.
+levels. Without BatchNorm nothing undoes a filter-normalised step of size 1 in each of 25 layers,
+so the plane spans [-0.25, 0.25] (``--span``) rather than Li et al.'s [-1, 1].
 
-    python examples/landscape_skip_connections.py --quick   # ~1 min on 2 cores
-    python examples/landscape_skip_connections.py           # a few minutes
+Non-convexity is measured as in Li et al.'s Sec. 6, on the surface itself: at every interior grid
+point the principal curvatures ``lambda_min <= lambda_max`` (eigenvalues of the central-difference
+Hessian of the 2-D surface) give the share of points where the surface is not convex
+(``lambda_min < 0``) and the mean of ``|lambda_min / lambda_max|`` there (0 where convex), both
+over the basin below the top contour level, where the saturating loss has not yet bent over.
+
+    python examples/landscape_skip_connections.py --quick   # < 1 min
+    python examples/landscape_skip_connections.py           # ~10 min on a busy 2-core machine
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from torch import Tensor, nn
 
 from torch_dlt.data import data_loader, digits
 from torch_dlt.probes import plot_contour, random_direction, surface_2d
+
+# Contour levels of every panel; the non-convexity measures look below the top one.
+LEVELS = torch.linspace(0.25, 5.0, 20).tolist()
 
 
 class Block(nn.Module):
@@ -73,9 +84,9 @@ def make_net(width: int, blocks: int, *, residual: bool, batch_norm: bool) -> nn
 
 
 def train(net: nn.Module, x: Tensor, y: Tensor, epochs: int) -> float:
-    """SGD with momentum and a cosine step decay; returns the final full training loss."""
+    """Adam with a cosine step decay; returns the final full training loss."""
     loader = data_loader(x, y, batch_size=64, seed=0)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
     net.train()
     for _ in range(epochs):
@@ -84,7 +95,7 @@ def train(net: nn.Module, x: Tensor, y: Tensor, epochs: int) -> float:
             loss = F.cross_entropy(net(xb), yb)
             loss.backward()
             # Plain deep nets can blow up in the first steps; the clip keeps all four trainable
-            # with one step size.
+            # with one schedule.
             nn.utils.clip_grad_norm_(net.parameters(), 5.0)
             optimizer.step()
             schedule.step()
@@ -98,13 +109,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shallower, coarser grid (~1 min)")
     parser.add_argument("--out", default="examples/out/landscape_skip_connections.png")
     parser.add_argument("--width", type=int, help="channels per convolution (default 8 / 16)")
-    parser.add_argument("--blocks", type=int, help="residual-style blocks (default 5 / 9)")
+    parser.add_argument("--blocks", type=int, help="residual-style blocks (default 5 / 12)")
+    parser.add_argument("--span", type=float, default=0.25, help="alpha, beta in [-span, span]")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     start = time.time()
 
     width, blocks, epochs, steps, n_eval = (
-        (8, 5, 10, 15, 256) if args.quick else (16, 9, 20, 25, 512)
+        (8, 5, 8, 15, 256) if args.quick else (16, 12, 12, 25, 512)
     )
     width = args.width or width
     blocks = args.blocks or blocks
@@ -123,8 +135,9 @@ def main() -> None:
             t1 = time.time()
             gen = torch.Generator().manual_seed(1)
             directions = [random_direction(net, generator=gen) for _ in range(2)]
+            span = (-args.span, args.span)
             surface = surface_2d(
-                net, F.cross_entropy, eval_data, directions, steps=steps, chunk_size=1
+                net, F.cross_entropy, eval_data, directions, span=span, steps=steps
             )
             surfaces[name] = surface
             centre = float(surface.losses[steps // 2, steps // 2])
@@ -133,27 +146,45 @@ def main() -> None:
                 f"{name:<15} train loss {train_loss:.4f}, test error {test_error:.3f}; "
                 f"train {t1 - t0:.0f} s, surface {time.time() - t1:.0f} s"
             )
-    print(f"\n{'net':<15}{'centre':>9}{'median':>9}{'max':>10}{'nonconvex':>11}")
+    print(f"\n{'net':<15}{'centre':>9}{'median':>9}{'max':>10}{'nonconvex':>11}{'|lmin/lmax|':>13}")
     for name, (_, _, centre, losses) in summary.items():
+        share, ratio = nonconvexity(losses, 2 * args.span / (steps - 1))
         print(
             f"{name:<15}{centre:>9.3f}{float(losses.median()):>9.3f}{float(losses.max()):>10.3g}"
-            f"{nonconvex_fraction(losses):>11.3f}"
+            f"{share:>11.3f}{ratio:>13.3f}"
         )
+    print(
+        "Li et al. (2018): deep plain nets non-convex (large |lmin/lmax| over wide regions), "
+        "residual nets convex (near 0 around the minimum)"
+    )
     plot(surfaces, summary, Path(args.out), 1 + 2 * blocks, width)
     print(f"wrote {args.out} in {time.time() - start:.0f} s")
 
 
-def nonconvex_fraction(losses: Tensor) -> float:
-    """Share of interior grid points where the discrete Laplacian is negative: 0 for a convex
-    bowl, large for a chaotic surface."""
-    laplacian = (
-        losses[2:, 1:-1]
-        + losses[:-2, 1:-1]
-        + losses[1:-1, 2:]
-        + losses[1:-1, :-2]
-        - 4 * losses[1:-1, 1:-1]
+def principal_curvatures(losses: Tensor, spacing: float) -> tuple[Tensor, Tensor]:
+    """Eigenvalues ``lambda_min <= lambda_max`` of the surface's central-difference Hessian at
+    every interior grid point, each ``[steps - 2, steps - 2]``."""
+    centre = losses[1:-1, 1:-1]
+    f_aa = (losses[2:, 1:-1] - 2 * centre + losses[:-2, 1:-1]) / spacing**2
+    f_bb = (losses[1:-1, 2:] - 2 * centre + losses[1:-1, :-2]) / spacing**2
+    f_ab = (losses[2:, 2:] - losses[2:, :-2] - losses[:-2, 2:] + losses[:-2, :-2]) / (
+        4 * spacing**2
     )
-    return float((laplacian < 0).double().mean())
+    mean = (f_aa + f_bb) / 2
+    radius = torch.sqrt(((f_aa - f_bb) / 2) ** 2 + f_ab**2)
+    return mean - radius, mean + radius
+
+
+def nonconvexity(losses: Tensor, spacing: float, level: float = LEVELS[-1]) -> tuple[float, float]:
+    """Share of basin points (loss below ``level``) where the surface is not convex, and the
+    mean there of Li et al.'s ``|lambda_min / lambda_max|``, counted 0 at convex points."""
+    low, high = principal_curvatures(losses, spacing)
+    basin = losses[1:-1, 1:-1] < level
+    if not bool(basin.any()):
+        return float("nan"), float("nan")
+    concave = low < 0
+    ratio = torch.where(concave, (low.abs() / high.abs().clamp_min(1e-12)).clamp(max=1.0), 0.0)
+    return float(concave[basin].double().mean()), float(ratio[basin].mean())
 
 
 def plot(surfaces: dict, summary: dict, out: Path, depth: int, width: int) -> None:
@@ -163,15 +194,16 @@ def plot(surfaces: dict, summary: dict, out: Path, depth: int, width: int) -> No
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(surfaces), figsize=(4.6 * len(surfaces), 4.6))
-    levels = torch.linspace(0.25, 5.0, 20).tolist()
     for ax, (name, surface) in zip(axes, surfaces.items()):
-        plot_contour(surface, ax=ax, levels=levels)
+        plot_contour(surface, ax=ax, levels=LEVELS)
         train_loss, test_error, _, losses = summary[name]
+        spacing = float(surface.alphas[1] - surface.alphas[0])
+        share, ratio = nonconvexity(losses, spacing)
         ax.plot(0, 0, "*", color="tab:red", markersize=10)
         ax.set_aspect("equal")
         ax.set_title(
-            f"{name}\ntrain loss {train_loss:.3f}, test error {test_error:.3f}, "
-            f"nonconvex {nonconvex_fraction(losses):.2f}",
+            f"{name}\ntrain loss {train_loss:.3f}, test error {test_error:.3f}\n"
+            f"non-convex share {share:.2f}, mean |lmin/lmax| {ratio:.3f}",
             fontsize=9,
         )
     fig.suptitle(

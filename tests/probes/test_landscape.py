@@ -248,3 +248,119 @@ def test_bad_input_is_rejected_and_model_untouched() -> None:
     with pytest.raises(ValueError, match="normalization"):
         random_direction(net, normalization="unit")
     snapshot.assert_unchanged(net)
+
+
+# ---------------------------------------------------------------------------------------------
+# grid points stacked through chain-structured models
+
+
+def _seeded_net(build, seed: int = 0, input_shape: tuple = (2, 6, 6)) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build().double()
+        with torch.no_grad():  # BatchNorm running statistics away from their initial 0 / 1
+            net.train()(randn(16, *input_shape, seed=9) * 2 + 1)
+    return net.eval()
+
+
+def _conv_chain() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        nn.Tanh(),
+        nn.Conv2d(4, 3, 2, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(3, 3),
+    )
+
+
+def _mlp_chain() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(72, 8),
+        nn.BatchNorm1d(8),
+        nn.GELU(),
+        nn.Dropout(0.5),
+        nn.Linear(8, 5),
+        nn.ReLU(),
+        nn.Linear(5, 3),
+    )
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(72, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("ignore", ["biasbn", None])
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+@pytest.mark.parametrize(
+    "build",
+    [_conv_chain, _mlp_chain, lambda: tiny_cnn(activation="relu")],
+    ids=["conv_chain", "mlp_chain", "deep_cnn"],
+)
+def test_stacked_chain_matches_brute_force(build, chunk_size, ignore) -> None:
+    from torch_dlt.probes.landscape import _StackedChain
+
+    net = _seeded_net(build)
+    assert _StackedChain.build(net) is not None  # the stacked evaluation is what runs here
+    batch = _cnn_batch()
+    gen = seeded(4)
+    ds = [random_direction(net, ignore=ignore, generator=gen) for _ in range(2)]
+    snapshot = ModelSnapshot.take(net)
+    alphas, betas, losses = surface_2d(
+        net, xent, batch, ds, span=(-0.7, 0.9), steps=4, chunk_size=chunk_size
+    )
+    snapshot.assert_unchanged(net)
+    for i in range(4):
+        for j in range(4):
+            oracle = _brute_force_loss(net, ds, (float(alphas[i]), float(betas[j])), batch)
+            assert float(losses[i, j]) == pytest.approx(oracle, rel=1e-10), (i, j)
+
+
+def test_stacked_lenet_with_method_flatten_and_input_check() -> None:
+    from torch_dlt.nn import LeNet5
+    from torch_dlt.probes.landscape import _StackedChain
+
+    net = _seeded_net(lambda: LeNet5(num_classes=3, pooling="max"), input_shape=(1, 28, 28))
+    assert _StackedChain.build(net) is not None
+    x, y = randn(5, 1, 28, 28, seed=2), torch.tensor([0, 2, 1, 1, 0])
+    ds = [random_direction(net, generator=seeded(s)) for s in (1, 2)]
+    line = slice_1d(net, xent, (x, y), ds[0], steps=3)
+    surface = surface_2d(net, xent, (x, y), ds, steps=3)
+    for i, j in [(0, 2), (2, 1)]:
+        point = (float(surface.alphas[i]), float(surface.betas[j]))
+        oracle = _brute_force_loss(net, ds, point, (x, y))
+        assert float(surface.losses[i, j]) == pytest.approx(oracle, rel=1e-10)
+    torch.testing.assert_close(line.losses, surface.losses[:, 1], rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="LeNet5: expected input"):  # its pre-hook still runs
+        surface_2d(net, xent, (x[:, :, :20, :20], y), ds, steps=2)
+
+
+def test_models_outside_the_stacked_form_match_brute_force() -> None:
+    from torch_dlt.probes.landscape import _StackedChain
+
+    residual = _seeded_net(_Residual)
+    hooked = _seeded_net(_conv_chain)
+    hooked[2].register_forward_hook(lambda module, args, out: out * 0.5)
+    rescaled = _seeded_net(_mlp_chain)
+    rescaled.register_forward_pre_hook(lambda module, args: (args[0] * 3.0,))
+    batch = _cnn_batch()
+    for net, stacked in ((residual, False), (hooked, False), (rescaled, True)):
+        assert (_StackedChain.build(net) is not None) is stacked
+        ds = [random_direction(net, generator=seeded(s)) for s in (5, 6)]
+        for chunk_size in (None, 3):
+            surface = surface_2d(net, xent, batch, ds, steps=3, chunk_size=chunk_size)
+            for i, j in [(0, 0), (1, 2), (2, 1)]:
+                point = (float(surface.alphas[i]), float(surface.betas[j]))
+                oracle = _brute_force_loss(net, ds, point, batch)
+                assert float(surface.losses[i, j]) == pytest.approx(oracle, rel=1e-10)

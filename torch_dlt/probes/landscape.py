@@ -7,12 +7,15 @@ nets": the loss is evaluated at ``weights + alpha * d1 + beta * d2`` on the user
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable, Iterable, NamedTuple, Sequence, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.func import functional_call, vmap
+from torch.nn import functional as F
 
+from torch_dlt.nn.models import Erf
 from torch_dlt.probes._state import check_same_architecture, forked_rng, restored_mode
 
 __all__ = [
@@ -310,6 +313,309 @@ def _grid(span: object, steps: object, owner: str) -> Tensor:
     return torch.linspace(low, high, steps, dtype=torch.float64)
 
 
+# Modules applied entry by entry (Dropout is the identity in eval mode, the only mode stacked).
+_ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.SELU,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    Erf,
+)
+_ELEMENTWISE_FUNCTIONS = (torch.relu, torch.tanh, torch.sigmoid, torch.erf, F.relu, F.gelu)
+_ELEMENTWISE_METHODS = ("relu", "tanh", "sigmoid")
+_POOLING_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+# Grid points per stacked forward on accelerators when chunk_size is None: at most _MAX_CHUNK,
+# and few enough that the stacked first activation stays under this many scalars.
+_STACK_SCALARS = 2**24
+_ALIGN = 64
+
+
+class _Layer(NamedTuple):
+    """One step of a stacked chain: what it does and where its parameters sit in the stack."""
+
+    kind: str  # "conv", "linear", "batchnorm", "apply", "flatten"
+    module: Any  # the nn.Module, or the callable applied entry by entry
+    weight: int | None  # index of the weight in the stacked parameters, None if absent
+    bias: int | None
+
+
+class _StackedChain:
+    """A chain-structured model evaluated at many grid points in one forward pass.
+
+    Grid points are stacked along the channels (images: ``[B, G*C, H, W]``, channels-last when
+    ``G > 1``, so each convolution is one grouped convolution) or along a leading dimension
+    (features: ``[G, B, F]``, so each linear layer is one batched matmul); every group sees its
+    own point's weights and nothing else. The first parametrised layer (a convolution or linear
+    layer) sees the same input at every point and is linear in its weights, so
+    ``layer(x; w + a d1 + b d2) = layer(x; w) + a layer(x; d1) + b layer(x; d2)`` (bias
+    included): its three outputs are computed once per batch and each point costs an axpy.
+    """
+
+    def __init__(
+        self,
+        prefix: list[Callable[[Tensor], Tensor]],
+        first: nn.Module,
+        first_params: tuple[int, int | None],
+        layers: list[_Layer],
+        stacked_params: list[int],
+    ) -> None:
+        self.prefix = prefix
+        self.first = first
+        self.first_params = first_params
+        self.layers = layers
+        self.stacked_params = stacked_params
+
+    @classmethod
+    def build(cls, model: nn.Module) -> _StackedChain | None:
+        """The stacked form of ``model``, or None when it is not a chain of supported layers."""
+        if _has_hooks(model):
+            return None
+        try:
+            graph = fx.symbolic_trace(model).graph
+        except Exception:
+            # Tracing is only an optimisation: whatever stops it, the model runs point by point.
+            return None
+        index = {id(p): i for i, p in enumerate(model.parameters())}
+        modules = dict(model.named_modules())
+        nodes = list(graph.nodes)
+        if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
+            return None
+        previous = nodes[0]
+        prefix: list[Callable[[Tensor], Tensor]] = []
+        first = None
+        first_params: tuple[int, int | None] = (0, None)
+        layers: list[_Layer] = []
+        for node in nodes[1:-1]:
+            if not node.args or node.args[0] is not previous or _has_node(node, skip_first=True):
+                return None
+            previous = node
+            module = modules.get(node.target) if node.op == "call_module" else None
+            if first is None:
+                if module is not None and type(module) in (nn.Conv2d, nn.Linear):
+                    if getattr(module, "padding_mode", "zeros") != "zeros":
+                        return None
+                    first = module
+                    first_params = _param_indices(module, index)
+                elif module is not None and next(module.parameters(), None) is not None:
+                    return None
+                else:
+                    prefix.append(_node_call(node, modules))
+                continue
+            layer = _stacked_layer(node, module, index, flat=_is_flat(first, layers))
+            if layer is None:
+                return None
+            layers.append(layer)
+        output = nodes[-1].args[0]
+        if first is None or output is not previous:
+            return None
+        used = sorted({i for layer in layers for i in (layer.weight, layer.bias) if i is not None})
+        return cls(prefix, first, first_params, layers, used)
+
+    def first_outputs(self, inputs: Tensor, directions: list[Direction]) -> Tensor | None:
+        """``layer(x; w)``, ``layer(x; d1)``, ..., ``layer(x; dk)`` of the first layer stacked
+        as ``[1 + k, B, C, H, W]`` (convolution) or ``[1 + k, B, F]`` (linear), or None if the
+        input does not fit the stacked form."""
+        x = inputs
+        for call in self.prefix:
+            x = call(x)
+        module = self.first
+        w, b = self.first_params
+        if isinstance(module, nn.Conv2d):
+            if x.dim() != 4:
+                return None
+            run = partial(
+                F.conv2d,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=module.groups,
+            )
+        elif x.dim() == 2:
+            run = F.linear
+        else:
+            return None
+        outputs = [run(x, module.weight, module.bias)]
+        for d in directions:
+            outputs.append(run(x, d[w], None if b is None else d[b]))
+        return torch.stack(outputs)
+
+    def losses(
+        self,
+        first: Tensor,
+        weights: list[Tensor | None],
+        coefficients: Tensor,
+        loss_fn: LossFn,
+        targets: Tensor,
+    ) -> Tensor:
+        """Loss at each of ``coefficients`` ``[G, k]`` given ``first`` (from
+        :meth:`first_outputs`) and the stacked ``weights`` (one ``[G, *shape]`` tensor per
+        parameter of the model, None where unused)."""
+        n_points = coefficients.shape[0]
+        ones = coefficients.new_ones(n_points, 1)
+        mixing = torch.cat([ones, coefficients], dim=1).to(first.dtype)
+        # One [G, 1 + k] x [1 + k, N] matmul, a single pass over the first layer's outputs,
+        # gives every point's pre-activation of that layer.
+        h = torch.mm(mixing, first.flatten(1)).view(n_points, *first.shape[1:])
+        if h.dim() == 5:
+            # Images go as [B, G*C, H, W]: point g's channels are the g-th group of the next
+            # convolution, and grouped convolutions run much faster channels-last on a CPU.
+            batch, channels, height, width = first.shape[1:]
+            if n_points == 1:
+                h = h[0]
+            else:
+                packed = h.new_empty(batch, height, width, n_points, channels)
+                packed.copy_(h.permute(1, 3, 4, 0, 2))
+                h = packed.view(batch, height, width, n_points * channels).permute(0, 3, 1, 2)
+        for layer in self.layers:
+            h = _apply_stacked(layer, h, weights, n_points)
+        if h.dim() == 4:
+            batch, channels, height, width = h.shape
+            outputs = h.view(batch, n_points, channels // n_points, height, width).unbind(1)
+        else:
+            outputs = h.unbind(0)
+        return torch.stack([loss_fn(out, targets) for out in outputs])
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    """Hooks that a traced forward would skip (the root's forward pre-hooks are run by hand)."""
+    from torch.nn.modules import module as module_globals
+
+    if any(
+        getattr(module_globals, name, None)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
+    ):
+        return True
+    for name, module in model.named_modules():
+        hooks = [module._forward_hooks, module._forward_hooks_with_kwargs]
+        hooks += [module._forward_pre_hooks_with_kwargs]
+        if name:
+            hooks.append(module._forward_pre_hooks)
+        if any(hooks) or getattr(module, "parametrizations", None):
+            return True
+    return False
+
+
+def _has_node(node: fx.Node, *, skip_first: bool) -> bool:
+    found: list[fx.Node] = []
+    args = node.args[1:] if skip_first else node.args
+    fx.node.map_arg((args, node.kwargs), found.append)
+    return bool(found)
+
+
+def _node_call(node: fx.Node, modules: dict[str, nn.Module]) -> Callable[[Tensor], Tensor]:
+    rest, kwargs = node.args[1:], node.kwargs
+    if node.op == "call_module":
+        module = modules[node.target]
+        return lambda x: module(x, *rest, **kwargs)
+    if node.op == "call_method":
+        return lambda x: getattr(x, node.target)(*rest, **kwargs)
+    return lambda x: node.target(x, *rest, **kwargs)
+
+
+def _param_indices(module: nn.Module, index: dict[int, int]) -> tuple[int, int | None]:
+    bias = getattr(module, "bias", None)
+    return index[id(module.weight)], (None if bias is None else index[id(bias)])
+
+
+def _is_flat(first: nn.Module, layers: list[_Layer]) -> bool:
+    return isinstance(first, nn.Linear) or any(layer.kind == "flatten" for layer in layers)
+
+
+def _flatten_start(node: fx.Node, module: nn.Module | None) -> bool:
+    """Whether the node flattens every dimension after the batch one."""
+    if isinstance(module, nn.Flatten):
+        return type(module) is nn.Flatten and module.start_dim == 1 and module.end_dim == -1
+    if node.op == "call_method" and node.target == "flatten":
+        args = (*node.args[1:], *node.kwargs.values())
+        return args in ((1,), (1, -1))
+    if node.op == "call_function" and node.target is torch.flatten:
+        args = (*node.args[1:], *node.kwargs.values())
+        return args in ((1,), (1, -1))
+    return False
+
+
+def _stacked_layer(
+    node: fx.Node, module: nn.Module | None, index: dict[int, int], *, flat: bool
+) -> _Layer | None:
+    """The stacked counterpart of one traced node, None when there is none."""
+    # F.relu and friends trace with their default inplace=False spelled out.
+    kwargs = {k: v for k, v in node.kwargs.items() if (k, v) != ("inplace", False)}
+    rest = node.args[1:] or kwargs
+    if _flatten_start(node, module):
+        return _Layer("flatten", None, None, None)
+    if module is None:
+        if rest:
+            return None
+        if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+            return _Layer("apply", node.target, None, None)
+        if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
+            return _Layer("apply", getattr(torch, node.target), None, None)
+        return None
+    if rest:
+        return None
+    kind = type(module)
+    if kind in _ELEMENTWISE_MODULES or (kind in _POOLING_MODULES and not flat):
+        if getattr(module, "return_indices", False):
+            return None
+        return _Layer("apply", module, None, None)
+    if kind is nn.Conv2d and not flat and module.padding_mode == "zeros":
+        return _Layer("conv", module, *_param_indices(module, index))
+    if kind is nn.Linear and flat:
+        return _Layer("linear", module, *_param_indices(module, index))
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d) and (kind is nn.BatchNorm1d) == flat:
+        if module.running_mean is None or module.running_var is None:
+            return None
+        if module.affine:
+            return _Layer("batchnorm", module, *_param_indices(module, index))
+        return _Layer("batchnorm", module, None, None)
+    return None
+
+
+def _apply_stacked(layer: _Layer, h: Tensor, weights: list[Tensor], n_points: int) -> Tensor:
+    module = layer.module
+    weight = None if layer.weight is None else weights[layer.weight]
+    bias = None if layer.bias is None else weights[layer.bias]
+    if layer.kind == "apply":
+        # Every h here is an intermediate of this function's own, free to overwrite.
+        return h.relu_() if type(module) is nn.ReLU else module(h)
+    if layer.kind == "conv":
+        return F.conv2d(
+            h,
+            weight.flatten(0, 1),
+            None if bias is None else bias.flatten(),
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups * n_points,
+        )
+    if layer.kind == "linear":
+        out = torch.bmm(h, weight.transpose(1, 2))
+        return out if bias is None else out.add_(bias.unsqueeze(1))
+    if layer.kind == "flatten":
+        if h.dim() == 3:
+            return h
+        batch, channels, height, width = h.shape
+        per_point = h.view(batch, n_points, channels // n_points, height, width)
+        return per_point.transpose(0, 1).reshape(n_points, batch, -1)
+    # Eval-mode BatchNorm: (h - running_mean) / sqrt(running_var + eps) * weight + bias.
+    channels = module.running_mean.shape[0]
+    shape = (1, n_points * channels, 1, 1) if h.dim() == 4 else (n_points, 1, channels)
+    scale = (module.running_var + module.eps).rsqrt().expand(n_points, channels)
+    if weight is not None:
+        scale = scale * weight
+    out = (h - module.running_mean.repeat(n_points).view(shape)) * scale.reshape(shape)
+    return out if bias is None else out.add_(bias.reshape(shape))
+
+
 def _evaluate(
     model: nn.Module,
     loss_fn: LossFn,
@@ -347,6 +653,8 @@ def _evaluate(
     totals = torch.zeros(n_points, dtype=torch.float64)
     n_samples = 0
     vectorize = not train and chunk > 1
+    # Eval mode with fixed buffers: chain-structured models stack grid points in one forward.
+    chain = None if train or bn_stacked else _StackedChain.build(model)
 
     def tensors_at(c: Tensor) -> dict[str, Tensor]:
         # c is [k] (single point) or [chunk, k] (vmapped): the same contraction serves both.
@@ -362,7 +670,7 @@ def _evaluate(
                 out[n] = b
         return out
 
-    bar = tqdm(total=len(batches) * len(starts), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=len(batches) * n_points, desc=desc, disable=not progress, leave=False)
     with torch.no_grad(), restored_mode(model, eval_mode=not train, restore_buffers=True):
         with forked_rng(model):
             if train:
@@ -370,6 +678,14 @@ def _evaluate(
             for batch in batches:
                 weight = _batch_size(batch)
                 n_samples += weight
+                if chain is not None:
+                    losses = _stacked_losses(
+                        chain, model, loss_fn, batch, base, directions, coefficients, chunk_size
+                    )
+                    if losses is not None:
+                        totals += losses * weight
+                        bar.update(n_points)
+                        continue
                 for s in starts:
                     c = coefficients[s : s + chunk]
                     losses = None
@@ -385,9 +701,68 @@ def _evaluate(
                             [_forward_loss(model, loss_fn, tensors_at(ci), batch) for ci in c]
                         )
                     totals[s : s + chunk] += losses.detach().to("cpu", torch.float64) * weight
-                    bar.update(1)
+                    bar.update(len(c))
     bar.close()
     return totals / n_samples
+
+
+def _stacked_losses(
+    chain: _StackedChain,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    base: list[Tensor],
+    directions: list[Direction],
+    coefficients: Tensor,
+    chunk_size: int | None,
+) -> Tensor | None:
+    """Losses at every point of ``coefficients`` on one batch through ``chain``, or None when the
+    batch does not fit the stacked form (several inputs, a root pre-hook that edits them)."""
+    inputs, targets = batch
+    if not isinstance(inputs, Tensor):
+        return None
+    for hook in model._forward_pre_hooks.values():
+        if hook(model, (inputs,)) is not None:
+            return None
+    first = chain.first_outputs(inputs, directions)
+    if first is None:
+        return None
+    if chunk_size is None and inputs.device.type == "cpu":
+        # Two points per forward: oneDNN's grouped channels-last convolution of two narrow
+        # groups runs faster per point than a single one, and more points only grow the
+        # working set beyond the caches (benchmarks/landscape.py).
+        points = 2
+    else:
+        per_point = max(1, first[0].numel())
+        points = chunk_size or max(1, min(_MAX_CHUNK, _STACK_SCALARS // per_point))
+    # One [chunk, P] matmul moves every parameter the stacked layers use. Each parameter starts
+    # at a multiple of _ALIGN entries, as a tensor of its own would: oneDNN convolutions run
+    # markedly slower on weights that are not 64-byte aligned.
+    used = chain.stacked_params
+    if len({(base[i].dtype, base[i].device) for i in used}) > 1:
+        return None
+    offsets = [0]
+    for i in used:
+        offsets.append(offsets[-1] + -(-base[i].numel() // _ALIGN) * _ALIGN)
+    if used:
+        origin = base[used[0]].new_zeros(offsets[-1])
+        steps = base[used[0]].new_zeros(len(directions), offsets[-1])
+        for i, start in zip(used, offsets):
+            size = base[i].numel()
+            origin[start : start + size] = base[i].reshape(-1)
+            for k, d in enumerate(directions):
+                steps[k, start : start + size] = d[i].reshape(-1)
+    losses = []
+    for s in range(0, coefficients.shape[0], points):
+        c = coefficients[s : s + points]
+        weights: list[Tensor | None] = [None] * len(base)
+        if used:
+            moved = torch.addmm(origin, c.to(origin.dtype), steps)
+            for i, start in zip(used, offsets):
+                size = base[i].numel()
+                weights[i] = moved[:, start : start + size].view(len(c), *base[i].shape)
+        losses.append(chain.losses(first, weights, c, loss_fn, targets))
+    return torch.cat(losses).to("cpu", torch.float64)
 
 
 def _vmapped_losses(
@@ -447,8 +822,8 @@ def slice_1d(
         buffer_direction (dict[str, Tensor] | None): also move buffers along this direction
             (see :func:`random_bn_direction`); only with a direction.
         train (bool): evaluate in train mode.
-        chunk_size (int | None): grid points per vmapped call (``None``: one at a time on the
-            CPU, by parameter count on accelerators).
+        chunk_size (int | None): grid points per forward pass, as in :func:`surface_2d`
+            (which describes the stacked evaluation that chain-structured models get).
         progress (bool): show a tqdm bar.
 
     Returns:
@@ -513,11 +888,18 @@ def surface_2d(
 ) -> LandscapeSurface:
     r"""The loss on the plane ``weights + alpha * d1 + beta * d2`` (Li et al., 2018).
 
-    Grid points are evaluated with :func:`torch.func.functional_call`, vmapped over chunks of
-    points (one loop over the data serves the whole grid); models vmap cannot batch, and every
-    model in train mode, are evaluated point by point. The model runs in eval mode by default
-    (BatchNorm uses its running statistics; ``train=True`` uses batch statistics); its
-    parameters, buffers, ``training`` and ``requires_grad`` flags and the global RNG are restored.
+    One loop over the data serves the whole grid. In eval mode, a model that :mod:`torch.fx`
+    traces to a chain of ``Conv2d`` / ``Linear`` / BatchNorm / pooling / flatten / elementwise
+    activation layers is evaluated *stacked*: its first parametrised layer sees the same input at
+    every grid point and is linear in its weights, so its outputs for the weights and for
+    ``d1``, ``d2`` are computed once per batch and each grid point costs one axpy there; the
+    grid points then run through the rest of the net together (grouped convolutions, batched
+    matmuls). The values equal those of the point-by-point evaluation up to float rounding.
+    Other models (branches, hooks), ``train=True`` and ``buffer_directions`` use
+    :func:`torch.func.functional_call`, vmapped over chunks of points where vmap can batch the
+    model. The model runs in eval mode by default (BatchNorm uses its running statistics;
+    ``train=True`` uses batch statistics); its parameters, buffers, ``training`` and
+    ``requires_grad`` flags and the global RNG are restored.
 
     Args:
         model (nn.Module): the model at the origin.
@@ -532,10 +914,9 @@ def surface_2d(
         buffer_directions (Sequence[dict[str, Tensor]] | None): ``(b1, b2)`` moving buffers too
             (see :func:`random_bn_direction`).
         train (bool): evaluate in train mode.
-        chunk_size (int | None): grid points per vmapped call (``None``: one at a time on the
-            CPU, by parameter count on accelerators);
-            1 evaluates point by point, which is faster for convolutional nets on a CPU, where
-            vmap turns convolutions into grouped ones.
+        chunk_size (int | None): grid points per forward pass. ``None``: two per stacked pass
+            and one per ``functional_call`` on the CPU (a vmapped convolution becomes a grouped
+            one, slower there), by memory on accelerators.
         progress (bool): show a tqdm bar.
 
     Returns:
