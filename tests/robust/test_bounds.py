@@ -8,7 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
+from torch_dlt.robust import bounds
 from torch_dlt.robust.bounds import (
     Normalize,
     Residual,
@@ -301,7 +303,7 @@ def test_bounds_are_differentiable_in_the_parameters():
     C = margin_matrix(torch.tensor([1, 2]), 4).double()
     weight = net[1].weight
     direction = torch.randn(weight.shape, generator=seeded(9), dtype=torch.float64)
-    for method in ("ibp", "crown", "crown-ibp", "alpha-crown"):
+    for method in ("ibp", "crown", "crown-ibp", "wong-kolter", "alpha-crown"):
 
         def loss(method: str = method) -> torch.Tensor:
             if method == "ibp":
@@ -449,6 +451,15 @@ def test_clear_errors():
 
 AUTO_NETS = {
     "mlp": lambda: mlp(0, (72, 20, 20, 5)).float(),
+    # C_in k^2 <= C_out on the input: the transposed convolution goes by stride phases
+    "few-inputs": lambda: nn.Sequential(
+        nn.Conv2d(2, 20, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(20, 4, 2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    ),
     "cnn": lambda: nn.Sequential(
         nn.Conv2d(2, 4, 3, stride=2, padding=1),
         nn.ReLU(),
@@ -509,3 +520,136 @@ def test_matches_auto_lirpa(name, eps):
             mine = bound(spec)
             torch.testing.assert_close(mine[0], theirs[0], rtol=0, atol=1e-5)
             torch.testing.assert_close(mine[1], theirs[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3), (4, 4), (5, 2)])
+def test_transposed_convolution_by_phases_equals_conv_transpose2d(stride, kernel):
+    g = seeded(11)
+    for padding, extra in (((0, 0), 0), ((1, 1), 1), ((2, 1), 0)):
+        if min(kernel) <= max(padding):
+            continue
+        weight = torch.randn(8, 1, *kernel, generator=g, dtype=torch.float64)
+        A = torch.randn(3, 8, 4, 5, generator=g, dtype=torch.float64)
+        out_pad = tuple(min(extra, s - 1) for s in stride)
+        expected = F.conv_transpose2d(A, weight, None, stride, padding, out_pad)
+        got = bounds._transposed_conv(A, weight, stride, padding, expected.shape[-2:], 1, (1, 1))
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def _few_inputs_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 32, 4, stride=2, padding=1),  # C_in k^2 <= C_out: by stride phases
+        nn.ReLU(),
+        nn.Conv2d(32, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(45, 6),
+        nn.ReLU(),
+        nn.Linear(6, 4),
+    ).double()
+
+
+def _reference_transposed_conv(A, weight, stride, padding, out_hw, groups, dilation, **_):
+    """``F.conv_transpose2d`` with the output padding that reaches ``out_hw``."""
+    natural = [
+        (A.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1)
+        for i in range(2)
+    ]
+    out_pad = tuple(out_hw[i] - natural[i] - 1 for i in range(2))
+    return F.conv_transpose2d(A, weight, None, stride, padding, out_pad, groups, dilation)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_first_layer_by_phases_is_sound_and_equals_the_transposed_convolution(seed, monkeypatch):
+    """The input convolution concretized in its stride phases: sound against sampling and PGD,
+    and equal (values and parameter gradients) to the plain transposed convolution."""
+    net = _few_inputs_net(seed)
+    x = inputs(seed, batch=3)
+    C = margin_matrix(torch.tensor([0, 2, 3]), 4).double()
+    lower, upper = (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)
+    values = sampled_values(net, lower, upper, C)
+    pgd_min, pgd_max = pgd_extremes(net, lower, upper, C)
+    parameters = list(net.parameters())
+    found = {}
+    for method in METHODS:
+        lo, hi = crown_bounds(net, x - 0.05, x + 0.05, C=C, method=method, alpha_steps=2)
+        assert (lo <= torch.minimum(values.min(0).values, pgd_min) + 1e-9).all(), method
+        assert (hi >= torch.maximum(values.max(0).values, pgd_max) - 1e-9).all(), method
+        found[method] = (lo, hi, torch.autograd.grad(lo.sum() - hi.sum(), parameters))
+    monkeypatch.setattr(bounds, "_by_phases", lambda module: False)
+    monkeypatch.setattr(bounds, "_transposed_conv", _reference_transposed_conv)
+    for method in METHODS:
+        lo, hi = crown_bounds(net, x - 0.05, x + 0.05, C=C, method=method, alpha_steps=2)
+        grads = torch.autograd.grad(lo.sum() - hi.sum(), parameters)
+        torch.testing.assert_close(lo, found[method][0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(hi, found[method][1], rtol=0, atol=1e-10)
+        for got, want in zip(found[method][2], grads):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("lines", ["crown", "wong-kolter"])
+@pytest.mark.parametrize("below", [None, "shared", "per-example"])
+def test_relu_lines_gradient_equals_autograd_of_the_relaxation(lines, below):
+    g = seeded(21)
+    B, m, K = 3, 4, 10
+    A = torch.randn(B, m, K, generator=g, dtype=torch.float64, requires_grad=True)
+    slope_u = torch.rand(B, 1, K, generator=g, dtype=torch.float64, requires_grad=True)
+    slope_l = slope_u if lines == "wong-kolter" else (torch.rand(B, 1, K, generator=g) > 0.5)
+    slope_l = slope_l.to(torch.float64) if lines == "crown" else slope_l
+    v_neg = torch.randn(B, K, generator=g, dtype=torch.float64, requires_grad=True)
+    v_all = None
+    if below is not None:
+        v_all = torch.randn(1 if below == "shared" else B, K, generator=g, dtype=torch.float64)
+        v_all.requires_grad_(True)
+    A_in, bias = bounds._ReluLines.apply(A, slope_l, slope_u, v_neg, v_all)
+    A_neg = A.clamp(max=0)
+    want_in = slope_l * A.clamp(min=0) + slope_u * A_neg
+    want_bias = (A_neg * v_neg.unsqueeze(1)).sum(-1)
+    if v_all is not None:
+        want_bias = want_bias + (A * v_all.unsqueeze(1)).sum(-1)
+    torch.testing.assert_close(A_in, want_in, rtol=0, atol=1e-14)
+    torch.testing.assert_close(bias, want_bias, rtol=0, atol=1e-13)
+    weights = (
+        torch.randn(B, m, K, generator=g, dtype=torch.float64),
+        torch.randn(B, m, generator=g, dtype=torch.float64),
+    )
+    inputs_ = [t for t in (A, slope_u, v_neg, v_all) if t is not None]
+    got = torch.autograd.grad((A_in * weights[0]).sum() + (bias * weights[1]).sum(), inputs_)
+    want = torch.autograd.grad(
+        (want_in * weights[0]).sum() + (want_bias * weights[1]).sum(), inputs_
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_per_example_unit_rows_equal_the_rows_of_every_unit(monkeypatch):
+    """Each example pushing back only its own unstable units gives the same bounds as every
+    example pushing back all units that any example needs."""
+    net = mlp(5, (8, 30, 30, 30, 3))
+    x = torch.rand(6, 8, generator=seeded(6), dtype=torch.float64)
+    used = []
+    own = bounds._own_unit_bounds
+    monkeypatch.setattr(bounds, "_own_unit_bounds", lambda *a: used.append(a[4]) or own(*a))
+    found = crown_bounds(net, x - 0.05, x + 0.05, domain=None)
+    assert used, "the per-example rows were never exercised"
+    everything = bounds._unit_bounds
+    monkeypatch.setattr(bounds, "_unit_bounds", lambda *a: everything(*a[:6]))
+    expected = crown_bounds(net, x - 0.05, x + 0.05, domain=None)
+    torch.testing.assert_close(found[0], expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(found[1], expected[1], rtol=0, atol=1e-12)
+
+
+def test_backward_pass_by_blocks_of_examples_equals_all_at_once(monkeypatch):
+    """Without autograd the backward pass goes through blocks of examples: the same bounds."""
+    net = random_net(8, (True, True, True, True, True, True, False))
+    x = inputs(8, batch=3)
+    C = margin_matrix(torch.tensor([0, 1, 3]), 4).double()
+    with torch.no_grad():
+        whole = {m: crown_bounds(net, x - 0.05, x + 0.05, C=C, method=m) for m in METHODS}
+        monkeypatch.setattr(bounds, "_PASS_FLOATS", 1)  # one example per block
+        for method in METHODS:
+            blocks = crown_bounds(net, x - 0.05, x + 0.05, C=C, method=method)
+            torch.testing.assert_close(blocks[0], whole[method][0], rtol=0, atol=1e-12)
+            torch.testing.assert_close(blocks[1], whole[method][1], rtol=0, atol=1e-12)

@@ -321,6 +321,11 @@ def test_robust_loss_is_kappa_clean_plus_worst_case_cross_entropy(method):
             [F.cross_entropy(model(p), y, reduction="none") for p in points]
         )
     assert (worst_sampled.max(0).values <= torch.log1p(torch.exp(-lower).sum(1)) + 1e-9).all()
+    # The gradient too: CROWN-IBP and IBP share one interval pass inside the loss.
+    parameters = list(model.parameters())
+    expected = torch.autograd.grad((1 - kappa) * robust + kappa * clean, parameters)
+    for got, want in zip(torch.autograd.grad(parts.loss, parameters), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_loss_at_eps_zero_is_the_clean_loss_and_worst_case_logits_layout():

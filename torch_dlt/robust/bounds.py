@@ -386,10 +386,11 @@ def _interval_step(node: _Node, c: Tensor, r: Tensor, k: float) -> tuple[Tensor,
     """
     m = node.module
     if node.kind == "linear":
-        return F.linear(c, k * m.weight, m.bias), F.linear(r, k * m.weight.abs()), 1.0
+        weight = m.weight if k == 1 else k * m.weight
+        return F.linear(c, weight, m.bias), F.linear(r, weight.abs()), 1.0
     if node.kind == "conv":
         args = (m.stride, _conv_padding(m), m.dilation, m.groups)
-        weight = k * m.weight
+        weight = m.weight if k == 1 else k * m.weight
         return F.conv2d(c, weight, m.bias, *args), F.conv2d(r, weight.abs(), None, *args), 1.0
     if node.kind == "channel_affine":
         scale, shift = _channel_affine(node)
@@ -401,11 +402,30 @@ def _interval_step(node: _Node, c: Tensor, r: Tensor, k: float) -> tuple[Tensor,
     if node.kind == "relu":
         # In place where nothing else reads the input box, and where autograd does not need
         # the ReLU's result: each fresh activation-sized tensor costs a pass of page faults.
+        if node.exclusive_input and not torch.is_grad_enabled():
+            return (*_relu_box_in_place(c, r), k / 2)
         upper = (c + r).relu_()
         lower = (c.sub_(r) if node.exclusive_input else c - r).relu_()
-        centre = upper + lower
-        return centre, upper.sub_(lower) if not torch.is_grad_enabled() else upper - lower, k / 2
+        if torch.is_grad_enabled():
+            return upper + lower, upper - lower, k / 2
+        return upper + lower, upper.sub_(lower), k / 2
     return c, r, k  # identity
+
+
+def _relu_box_in_place(c: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """``(u + l, u - l)`` of ``u = relu(c + r)``, ``l = relu(c - r)``, written over c and r.
+
+    Block by block along the batch, with a scratch block the allocator recycles: no fresh
+    activation-sized tensor (each costs a pass of page faults), the same values as out of place.
+    """
+    step = max(1, _BLOCK_FLOATS // max(1, c[0].numel()))
+    for first in range(0, c.shape[0], step):
+        centre, radius = c[first : first + step], r[first : first + step]
+        upper = (centre + radius).relu_()
+        lower = centre.sub_(radius).relu_()
+        torch.sub(upper, lower, out=radius)
+        lower.add_(upper)
+    return c, r
 
 
 def _forward_intervals(
@@ -455,6 +475,18 @@ class _Relaxation:
     alpha: dict[int, Tensor] = field(default_factory=dict)  # relu index -> [B, m, *shape]
     _lines: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=dict)
 
+    def examples(self, block: slice) -> _Relaxation:
+        """The relaxation of the examples ``block`` (lines, and alpha-CROWN's slopes)."""
+        part = _Relaxation(
+            {k: v[block] for k, v in self.lower.items()},
+            {k: v[block] for k, v in self.upper.items()},
+            self.rule,
+            {k: v[block] for k, v in self.alpha.items()},
+        )
+        for relu, lines in self._lines.items():
+            part._lines[relu] = tuple(t[block] for t in lines)
+        return part
+
     def lines(self, relu: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if relu not in self._lines:
             self._lines[relu] = self._compute_lines(relu)
@@ -463,14 +495,17 @@ class _Relaxation:
     def _compute_lines(self, relu: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         lower, upper = self.lower[relu], self.upper[relu]
         unstable = (lower < 0) & (upper > 0)
+        # Masks as 0/1 factors rather than torch.where, which is several times slower on CPU;
+        # the width is 1 on stable units, so no 0/0 reaches the values or the gradients.
+        mask = unstable.to(lower.dtype)
         active = (lower >= 0).to(lower.dtype)
-        width = torch.where(unstable, upper - lower, torch.ones_like(lower))
-        slope_u = torch.where(unstable, upper / width, active)
-        icpt_u = torch.where(unstable, -slope_u * lower, torch.zeros_like(lower))
+        width = (upper - lower).mul_(mask).add_(1.0 - mask)
+        slope_u = torch.addcdiv(active, upper * mask, width)
+        icpt_u = (slope_u * lower).mul_(mask).neg_()
         if self.rule == "wong-kolter":
             slope_l = slope_u
         else:
-            slope_l = torch.where(unstable, (upper > -lower).to(lower.dtype), active)
+            slope_l = torch.addcmul(active, mask, (upper > -lower).to(lower.dtype))
         return slope_l, slope_u, icpt_u, unstable
 
 
@@ -479,9 +514,161 @@ def _is_channels_last(A: Tensor) -> bool:
     return A.dim() == 5 and A.shape[2] > 1 and A.stride(2) == 1
 
 
-def _relu_backward(A: Tensor, relax: _Relaxation, relu: int) -> tuple[Tensor, Tensor]:
+# Floats of one example block of the ReLU step's temporaries: small enough to stay in cache and
+# to be recycled by the allocator instead of being page-faulted in afresh at every step.
+_BLOCK_FLOATS = 1 << 18
+
+
+def _relu_lines(
+    A: Tensor, slope_l: Tensor, slope_u: Tensor, v_neg: Tensor, v_all: Tensor | None, A_in: Tensor
+) -> Tensor:
+    """Write ``slope_l A+ + slope_u A-`` into ``A_in`` (which may be A itself) block by block;
+    return the bias ``A- . v_neg + A . v_all`` [B, m] (see ``_ReluLines``)."""
+    batch, rows = A.shape[:2]
+    if v_all is not None:
+        v_all = v_all.expand(batch, -1)
+    bias = A.new_empty(batch, 1, rows)
+    step = max(1, _BLOCK_FLOATS // max(1, A[0].numel()))
+    for first in range(0, batch, step):
+        block = slice(first, first + step)
+        a, out = A[block], A_in[block]
+        a_neg = a.clamp(max=0)
+        # [b, 1, K] @ [b, K, m]: the vector on the left is the fast orientation of bmm
+        torch.bmm(v_neg[block].unsqueeze(1), a_neg.transpose(1, 2), out=bias[block])
+        if v_all is not None:
+            bias[block].baddbmm_(v_all[block].unsqueeze(1), a.transpose(1, 2))
+        if slope_l is slope_u:
+            torch.mul(a, slope_u[block], out=out)
+        else:
+            torch.mul(a, slope_l[block], out=out)
+            out.addcmul_(a_neg, slope_u[block] - slope_l[block])
+    return bias.squeeze(1)
+
+
+class _ReluLines(torch.autograd.Function):
+    """Backward step through a ReLU relaxed by per-unit lines, with a hand-written gradient.
+
+    ``A [B, m, K]``, ``slope_l``, ``slope_u [B, 1, K]`` and the vectors ``v_neg [B, K]``,
+    ``v_all [B or 1, K] | None`` give ``A_in = slope_l A+ + slope_u A-`` (A+, A- the positive and
+    negative parts) and the bias ``A- . v_neg + A . v_all`` [B, m]: ``v_neg`` carries the upper
+    line's intercept, ``v_all`` the bias of the layer below folded in. Autograd of the same
+    expression keeps the clamp's mask, runs ``torch.where`` and sums two gradients of A_in,
+    each slower on CPU than a plain pass and each a fresh A-sized tensor; here both passes go
+    over blocks of examples, so that the only A-sized tensor made is the result.
+    """
+
+    @staticmethod
+    def forward(ctx, A: Tensor, slope_l: Tensor, slope_u: Tensor, v_neg: Tensor, v_all):
+        ctx.same_slopes = slope_l is slope_u
+        ctx.save_for_backward(A, slope_l, slope_u, v_neg, v_all)
+        A_in = torch.empty(A.shape, dtype=A.dtype, device=A.device)
+        return A_in, _relu_lines(A, slope_l, slope_u, v_neg, v_all, A_in)
+
+    @staticmethod
+    def backward(ctx, grad_in: Tensor, grad_bias: Tensor):
+        A, slope_l, slope_u, v_neg, v_all = ctx.saved_tensors
+        need_A, need_l, need_u, need_neg, need_all = ctx.needs_input_grad[:5]
+        same = ctx.same_slopes
+        batch, rows = A.shape[:2]
+        grad_A = torch.empty(A.shape, dtype=A.dtype, device=A.device) if need_A else None
+        grad_l = slope_l.new_empty(slope_l.shape) if need_l and not same else None
+        grad_u = slope_u.new_empty(slope_u.shape) if need_u else None
+        grad_neg = v_neg.new_empty(v_neg.shape) if need_neg else None
+        grad_all = A.new_empty(batch, A.shape[2]) if need_all else None
+        shared_all = v_all
+        if v_all is not None:
+            v_all = v_all.expand(batch, -1)
+        step = max(1, _BLOCK_FLOATS // max(1, A[0].numel()))
+        for first in range(0, batch, step):
+            block = slice(first, first + step)
+            a, g = A[block], grad_in[block]
+            g_bias = grad_bias[block].unsqueeze(1)  # [b, 1, m]
+            a_neg = a.clamp(max=0)
+            # sums over the rows as [b, 1, m] @ [b, m, K], faster than a reduction over dim 1
+            ones = a.new_ones(a.shape[0], 1, rows)
+            if need_u and same:
+                torch.bmm(ones, g * a, out=grad_u[block])
+            elif need_u or need_l:
+                if need_u:
+                    torch.bmm(ones, g * a_neg, out=grad_u[block])
+                if need_l:
+                    torch.bmm(ones, g * a, out=grad_l[block])
+                    if need_u:
+                        grad_l[block] -= grad_u[block]
+            if need_neg:
+                torch.bmm(g_bias, a_neg, out=grad_neg[block].unsqueeze(1))
+            if need_all:
+                torch.bmm(g_bias, a, out=grad_all[block].unsqueeze(1))
+            if need_A:
+                # slope_l and v_all everywhere, plus (slope_u - slope_l) and v_neg where A < 0
+                out = grad_A[block]
+                torch.mul(g_bias.transpose(1, 2), v_neg[block].unsqueeze(1), out=out)
+                if not same:
+                    out.addcmul_(g, slope_u[block] - slope_l[block])
+                out.mul_(a_neg.sign_().neg_()).addcmul_(g, slope_l[block])
+                if v_all is not None:
+                    out.addcmul_(g_bias.transpose(1, 2), v_all[block].unsqueeze(1))
+        if need_all and grad_all.shape[0] > shared_all.shape[0]:
+            grad_all = grad_all.sum(0, keepdim=True)
+        return grad_A, grad_l, grad_u, grad_neg, grad_all
+
+
+def _relu_backward(
+    A: Tensor, relax: _Relaxation, relu: int, shift: Tensor | None = None, owned: bool = False
+) -> tuple[Tensor, Tensor]:
+    """A-matrix on the ReLU's input and the bias term [B or 1, m].
+
+    ``shift`` (Tensor[*input shape] | None): a bias on the ReLU's input that the layer below
+    adds; its term ``A_in . shift`` is then part of the returned bias. ``owned``: nothing else
+    reads A, so without autograd A_in may overwrite it (a fresh A-sized tensor is a pass of
+    page faults).
+    """
     slope_l, slope_u, icpt_u, unstable = relax.lines(relu)
     channels_last = _is_channels_last(A)
+    if relu in relax.alpha:
+        A_in, bias = _relu_backward_alpha(A, relax, relu, channels_last)
+        if shift is not None:
+            bias = bias + (A_in * shift).flatten(2).sum(-1)
+        return A_in, bias
+    batch = slope_l.shape[0]
+    owned = owned and A.shape[0] == batch and not torch.is_grad_enabled()
+    lead = (max(A.shape[0], batch), A.shape[1])
+    A = A.expand(*lead, *A.shape[2:])
+    same = slope_l is slope_u
+
+    def flat(t: Tensor) -> Tensor:
+        # A-matrices on maps are kept channels-last: the lines go to the same memory order
+        return (t.permute(0, 2, 3, 1) if channels_last else t).reshape(t.shape[0], -1)
+
+    slope_u_flat = flat(slope_u)
+    slope_l_flat = slope_u_flat if same else flat(slope_l)
+    v_neg, v_all = flat(icpt_u), None
+    if shift is not None:
+        # A_in . shift = A . (slope_l shift) + A- . ((slope_u - slope_l) shift)
+        shift = flat(shift.unsqueeze(0))
+        v_all = slope_l_flat * shift
+        if not same:
+            v_neg = v_neg + (slope_u_flat - slope_l_flat) * shift
+    A_flat = (A.permute(0, 1, 3, 4, 2) if channels_last else A).reshape(*lead, -1)
+    slopes = (slope_l_flat.unsqueeze(1), slope_u_flat.unsqueeze(1))
+    if same:
+        slopes = (slopes[1], slopes[1])
+    if owned:
+        A_in = A_flat
+        bias = _relu_lines(A_flat, *slopes, v_neg, v_all, A_in)
+    else:
+        A_in, bias = _ReluLines.apply(A_flat, *slopes, v_neg, v_all)
+    if channels_last:
+        shape = A.shape
+        return A_in.view(*lead, shape[3], shape[4], shape[2]).permute(0, 1, 4, 2, 3), bias
+    return A_in.view(A.shape), bias
+
+
+def _relu_backward_alpha(
+    A: Tensor, relax: _Relaxation, relu: int, channels_last: bool
+) -> tuple[Tensor, Tensor]:
+    """The ReLU step with alpha-CROWN's slopes, one per specification row and unit."""
+    slope_l, slope_u, icpt_u, unstable = relax.lines(relu)
     if channels_last:
         # The relaxation's lines in A's own layout keep every elementwise pass contiguous.
         layout = torch.channels_last
@@ -490,10 +677,7 @@ def _relu_backward(A: Tensor, relax: _Relaxation, relu: int) -> tuple[Tensor, Te
             slope_u.contiguous(memory_format=layout),
         )
         icpt_u = icpt_u.permute(0, 2, 3, 1)
-    if relu in relax.alpha:
-        slope_l = torch.where(unstable.unsqueeze(1), relax.alpha[relu], slope_l.unsqueeze(1))
-    else:
-        slope_l = slope_l.unsqueeze(1)
+    slope_l = torch.where(unstable.unsqueeze(1), relax.alpha[relu], slope_l.unsqueeze(1))
     # Positive coefficients take the lower line, negative ones the upper line.
     A_neg = A.clamp(max=0)
     # In place on a fresh product (autograd keeps the product's inputs, not its result): one
@@ -507,8 +691,11 @@ def _relu_backward(A: Tensor, relax: _Relaxation, relu: int) -> tuple[Tensor, Te
     return A_in, torch.bmm(A_neg.reshape(*A.shape[:2], -1), icpt.unsqueeze(-1)).squeeze(-1)
 
 
-def _affine_backward(node: _Node, A: Tensor, in_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """A-matrix on the node's input and the bias term ``A . b`` [B or 1, m].
+def _affine_backward(
+    node: _Node, A: Tensor, in_shape: tuple[int, ...], with_bias: bool = True
+) -> tuple[Tensor, Tensor]:
+    """A-matrix on the node's input and the bias term ``A . b`` [B or 1, m] (zero without
+    ``with_bias``: a Linear's or Conv2d's bias is then accounted for by the ReLU above).
 
     A-matrices on convolutional maps are kept channels-last, the layout in which the CPU's
     transposed convolution is fastest, instead of converting them to and fro at every layer.
@@ -516,7 +703,7 @@ def _affine_backward(node: _Node, A: Tensor, in_shape: tuple[int, ...]) -> tuple
     m = node.module
     lead = A.shape[:2]
     if node.kind == "linear":
-        bias = A.matmul(m.bias) if m.bias is not None else A.new_zeros(lead)
+        bias = A.matmul(m.bias) if m.bias is not None and with_bias else A.new_zeros(lead)
         return A.matmul(m.weight), bias
     if node.kind == "conv":
         A_in = _transposed_conv(
@@ -529,7 +716,8 @@ def _affine_backward(node: _Node, A: Tensor, in_shape: tuple[int, ...]) -> tuple
             m.dilation,
             channels_last=True,
         ).view(*lead, *in_shape)
-        bias = A.sum((-2, -1)).matmul(m.bias) if m.bias is not None else A.new_zeros(lead)
+        with_bias = m.bias is not None and with_bias
+        bias = A.sum((-2, -1)).matmul(m.bias) if with_bias else A.new_zeros(lead)
         return A_in, bias
     if node.kind == "channel_affine":
         scale, shift = _channel_affine(node)
@@ -564,12 +752,16 @@ def _transposed_conv(
 ) -> Tensor:
     """``conv_transpose2d`` of A [N, C_out, h, w] to [N, C_in, *out_hw], the faster way on CPU.
 
-    With few input channels (C_in k^2 <= C_out) one matrix product and ``fold`` beat the
-    transposed convolution about 2x at one thread; otherwise channels-last input does, and
-    with ``channels_last`` the result stays in that layout.
+    With few input channels (C_in k^2 <= C_out) a convolution by the stride's phases (without
+    dilation) or one matrix product and ``fold`` beat the transposed convolution about 2x at one
+    thread; otherwise channels-last input does, and with ``channels_last`` the result stays in
+    that layout.
     """
     c_out, c_in = weight.shape[0], weight.shape[1]
-    if groups == 1 and c_in * weight.shape[2] * weight.shape[3] <= c_out:
+    few_inputs = groups == 1 and c_in * weight.shape[2] * weight.shape[3] <= c_out
+    if few_inputs and tuple(dilation) == (1, 1):
+        return _transposed_conv_by_phases(A, weight, stride, padding, out_hw)
+    if few_inputs:
         cols = torch.bmm(weight.reshape(c_out, -1).T.expand(A.shape[0], -1, -1), A.flatten(2))
         # fold loops over its batch: all samples go in as channels of one
         out = F.fold(
@@ -599,23 +791,167 @@ def _transposed_conv(
     return out if channels_last else out.contiguous()
 
 
+def _phase_taps(weight: Tensor, stride) -> Tensor:
+    """The kernel [s_h s_w C_in, C_out, t_h, t_w] of a transposed convolution's stride phases.
+
+    Output row ``y`` with ``y + pad = s P + a`` receives ``A[P - t] W[a + s t]``: for each phase
+    ``a`` of the stride a correlation of A with a ``t = ceil(k / s)``-tap kernel, so all
+    ``s^2`` phases are the output channels of one stride-1 convolution (padding ``t - 1``),
+    which reads A in any layout, channels-last included.
+    """
+    c_out, c_in, kh, kw = weight.shape
+    (sh, sw), th, tw = stride, -(-kh // stride[0]), -(-kw // stride[1])
+    taps = F.pad(weight, (0, sw * tw - kw, 0, sh * th - kh))
+    taps = taps.view(c_out, c_in, th, sh, tw, sw).flip(2, 4).permute(3, 5, 1, 0, 2, 4)
+    return taps.reshape(sh * sw * c_in, c_out, th, tw)
+
+
+def _phases(A: Tensor, weight: Tensor, stride) -> Tensor:
+    """The stride phases [N, s_h s_w C_in, rows, cols] of ``conv_transpose2d`` of A, unpadded:
+    output row ``y`` is row ``(y + pad) // s_h`` of phase ``(y + pad) % s_h``."""
+    taps = _phase_taps(weight, stride)
+    return F.conv2d(A, taps, padding=(taps.shape[2] - 1, taps.shape[3] - 1))
+
+
+def _phase_frame(x: Tensor, stride, padding, rows: int, cols: int) -> Tensor:
+    """``x`` [B, C, H, W] in the phases' frame [B, rows, cols, s_h, s_w, C], zero elsewhere."""
+    (sh, sw), (ph, pw) = stride, padding
+    height = max(0, min(x.shape[2], rows * sh - ph))
+    width = max(0, min(x.shape[3], cols * sw - pw))
+    frame = x.new_zeros(x.shape[0], x.shape[1], rows * sh, cols * sw)
+    frame[:, :, ph : ph + height, pw : pw + width] = x[:, :, :height, :width]
+    frame = frame.view(x.shape[0], x.shape[1], rows, sh, cols, sw)
+    return frame.permute(0, 2, 4, 3, 5, 1)
+
+
+def _transposed_conv_by_phases(
+    A: Tensor, weight: Tensor, stride, padding, out_hw: tuple[int, int]
+) -> Tensor:
+    """``conv_transpose2d`` of A [N, C_out, h, w] as one plain convolution and a pixel shuffle
+    (see ``_phase_taps``)."""
+    c_in = weight.shape[1]
+    (sh, sw), (ph, pw) = stride, padding
+    phases = _phases(A, weight, stride)
+    n, _, rows, cols = phases.shape
+    full = phases.view(n, sh, sw, c_in, rows, cols).permute(0, 3, 4, 1, 5, 2)
+    full = full.reshape(n, c_in, rows * sh, cols * sw)
+    short = (ph + out_hw[0] - rows * sh, pw + out_hw[1] - cols * sw)
+    if max(short) > 0:  # an output padding beyond the last phase row: zeros
+        full = F.pad(full, (0, max(short[1], 0), 0, max(short[0], 0)))
+    return full[:, :, ph : ph + out_hw[0], pw : pw + out_hw[1]]
+
+
+def _by_phases(m: nn.Module) -> bool:
+    """Whether the transposed convolution of a Conv2d goes by its stride phases."""
+    weight = m.weight
+    return (
+        m.groups == 1
+        and tuple(m.dilation) == (1, 1)
+        and weight.shape[1] * weight.shape[2] * weight.shape[3] <= weight.shape[0]
+    )
+
+
+class _Concretize(torch.autograd.Function):
+    """min over the box of ``A x``: ``A c - |A| r`` [B, m] for A [B, m, n], c and r [B, n].
+
+    The gradient ``g c - g r sign(A)`` is written in A's own layout, where autograd of the
+    batched products would hand back the transpose and copy it.
+    """
+
+    @staticmethod
+    def forward(ctx, A: Tensor, c: Tensor, r: Tensor) -> Tensor:
+        ctx.save_for_backward(A, c, r)
+        # [B, 1, n] @ [B, n, m]: the vector on the left is the fast orientation of bmm
+        centre = torch.bmm(c.unsqueeze(1), A.transpose(1, 2))
+        return centre.sub_(torch.bmm(r.unsqueeze(1), A.abs().transpose(1, 2))).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        A, c, r = ctx.saved_tensors
+        grad_A = grad_c = grad_r = None
+        if ctx.needs_input_grad[0]:
+            grad_A = torch.mul(grad.unsqueeze(-1), r.unsqueeze(1)).mul_(A.sign()).neg_()
+            grad_A.addcmul_(grad.unsqueeze(-1), c.unsqueeze(1))
+        if ctx.needs_input_grad[1]:
+            grad_c = torch.bmm(grad.unsqueeze(1), A).squeeze(1)
+        if ctx.needs_input_grad[2]:
+            grad_r = torch.bmm(grad.unsqueeze(1), A.abs()).squeeze(1).neg_()
+        return grad_A, grad_c, grad_r
+
+
 def _concretize(A: Tensor, c0: Tensor, r0: Tensor) -> Tensor:
     """min over the box of ``A x``: ``A c - |A| r`` [B, m]."""
     A = A.reshape(*A.shape[:2], -1)
     c, r = c0.flatten(1), r0.flatten(1)
     if A.shape[0] == 1:
         return c.matmul(A[0].T) - r.matmul(A[0].abs().T)
-    return torch.bmm(A, c.unsqueeze(-1)).squeeze(-1) - torch.bmm(A.abs(), r.unsqueeze(-1)).squeeze(
-        -1
-    )
+    return _Concretize.apply(A, c, r)
+
+
+def _concretize_conv(node: _Node, A: Tensor, c0: Tensor, r0: Tensor) -> Tensor:
+    """min over the box of ``A . conv(x)`` without the bias, for a Conv2d on the input.
+
+    The transposed convolution's stride phases are concretized where they lie, against the
+    box laid out in the same frame: no pixel shuffle of the A-matrix either way.
+    """
+    m = node.module
+    lead = A.shape[:2]
+    phases = _phases(A.reshape(-1, *node.shape), m.weight, m.stride)
+    rows, cols = phases.shape[-2:]
+    A_in = phases.permute(0, 2, 3, 1).reshape(*lead, -1)  # a view when channels-last
+    if A_in.shape[0] < c0.shape[0]:
+        A_in = A_in.expand(c0.shape[0], -1, -1)
+    padding = _conv_padding(m)
+    c = _phase_frame(c0, m.stride, padding, rows, cols).reshape(c0.shape[0], -1)
+    r = _phase_frame(r0, m.stride, padding, rows, cols).reshape(r0.shape[0], -1)
+    if torch.is_grad_enabled() or A_in.stride(0) == 0:
+        return _Concretize.apply(A_in, c, r)
+    # without autograd the phases, a fresh tensor, take their magnitude in place
+    centre = torch.bmm(c.unsqueeze(1), A_in.transpose(1, 2))
+    return centre.sub_(torch.bmm(r.unsqueeze(1), A_in.abs_().transpose(1, 2))).squeeze(1)
+
+
+# Floats of the widest A-matrix of one block of examples in a backward pass without autograd.
+_PASS_FLOATS = 1 << 21
 
 
 def _backward_lower(
     graph: _Graph, start: int, A: Tensor, c0: Tensor, r0: Tensor, relax: _Relaxation
 ) -> Tensor:
-    """Lower bound [B, m] of ``A . h_start`` over the input box by backward relaxation."""
+    """Lower bound [B, m] of ``A . h_start`` over the input box by backward relaxation.
+
+    Without autograd the examples go through in blocks whose A-matrices the allocator recycles
+    from block to block (and that stay in cache) instead of page-faulting fresh ones in.
+    """
+    batch = c0.shape[0]
+    widest = A.shape[1] * max(math.prod(graph.nodes[i].shape) for i in range(start + 1))
+    step = max(1, _PASS_FLOATS // max(1, widest))
+    if torch.is_grad_enabled() or step >= batch:
+        return _backward_pass(graph, start, A, c0, r0, relax)
+    found = []
+    for first in range(0, batch, step):
+        block = slice(first, first + step)
+        found.append(
+            _backward_pass(
+                graph,
+                start,
+                A if A.shape[0] == 1 else A[block],
+                c0[block],
+                r0[block],
+                relax.examples(block),
+            )
+        )
+    return torch.cat(found)
+
+
+def _backward_pass(
+    graph: _Graph, start: int, A: Tensor, c0: Tensor, r0: Tensor, relax: _Relaxation
+) -> Tensor:
+    """``_backward_lower`` of all examples at once."""
     pending: dict[int, Tensor] = {start: A}
     bias: Tensor | int = 0
+    folded: set[int] = set()  # layers whose bias a ReLU above has taken into its own term
+    owned: set[int] = set()  # nodes whose pending A-matrix nothing else reads
     for index in range(start, -1, -1):
         A = pending.pop(index, None)
         if A is None:
@@ -625,21 +961,48 @@ def _backward_lower(
             return _concretize(A, c0, r0) + bias
         if node.kind == "add":
             for source in node.inputs:
-                pending[source] = pending[source] + A if source in pending else A
+                if source in pending:
+                    pending[source] = pending[source] + A
+                    owned.add(source)
+                else:
+                    pending[source] = A
             continue
         source = node.inputs[0]
+        if (
+            node.kind == "conv"
+            and graph.nodes[source].kind == "input"
+            and not pending
+            and _by_phases(node.module)
+        ):
+            with_bias = node.module.bias is not None and index not in folded
+            b = A.sum((-2, -1)).matmul(node.module.bias) if with_bias else 0
+            return _concretize_conv(node, A, c0, r0) + (bias + b)
         if node.kind == "relu":
-            A_in, b = _relu_backward(A, relax, index)
+            shift = _layer_bias(graph, source) if node.exclusive_input else None
+            if shift is not None:
+                folded.add(source)
+            A_in, b = _relu_backward(A, relax, index, shift, index in owned)
         elif node.kind == "linear" and _flattens_map(graph, source):
             # Columns of the weight permuted to (H, W, C): A lands on the map channels-last,
             # and the flatten is passed over (it adds no bias).
             source = graph.nodes[source].inputs[0]
-            A_in, b = _linear_onto_map(node, A, graph.nodes[source].shape)
+            A_in, b = _linear_onto_map(node, A, graph.nodes[source].shape, index not in folded)
         else:
-            A_in, b = _affine_backward(node, A, graph.nodes[source].shape)
+            A_in, b = _affine_backward(node, A, graph.nodes[source].shape, index not in folded)
         bias = bias + b
         pending[source] = pending[source] + A_in if source in pending else A_in
+        if node.kind not in ("identity", "flatten") or index in owned:
+            owned.add(source)  # a fresh result, or a view of an owned one
     raise AssertionError("the backward pass never reached the input")  # pragma: no cover
+
+
+def _layer_bias(graph: _Graph, index: int) -> Tensor | None:
+    """The bias of a Linear or Conv2d node as a tensor of its output shape, else None."""
+    node = graph.nodes[index]
+    if node.kind not in ("linear", "conv") or node.module.bias is None:
+        return None
+    bias = node.module.bias
+    return bias.view(-1, 1, 1).expand(node.shape) if node.kind == "conv" else bias
 
 
 def _flattens_map(graph: _Graph, index: int) -> bool:
@@ -651,7 +1014,9 @@ def _flattens_map(graph: _Graph, index: int) -> bool:
     return len(shape) == 3 and shape[0] > 1
 
 
-def _linear_onto_map(node: _Node, A: Tensor, map_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+def _linear_onto_map(
+    node: _Node, A: Tensor, map_shape: tuple[int, ...], with_bias: bool = True
+) -> tuple[Tensor, Tensor]:
     """``_affine_backward`` of a Linear through the flatten of ``map_shape`` [C, H, W], with
     the A-matrix on the map [B or 1, m, C, H, W] laid out channels-last."""
     m = node.module
@@ -663,14 +1028,25 @@ def _linear_onto_map(node: _Node, A: Tensor, map_shape: tuple[int, ...]) -> tupl
         .reshape(m.weight.shape[0], -1)
     )
     A_in = A.matmul(weight).view(*lead, height, width, channels).permute(0, 1, 4, 2, 3)
-    bias = A.matmul(m.bias) if m.bias is not None else A.new_zeros(lead)
+    bias = A.matmul(m.bias) if m.bias is not None and with_bias else A.new_zeros(lead)
     return A_in, bias
 
 
 def _unit_bounds(
-    graph: _Graph, node: int, units: Tensor, c0: Tensor, r0: Tensor, relax: _Relaxation
+    graph: _Graph,
+    node: int,
+    units: Tensor,
+    c0: Tensor,
+    r0: Tensor,
+    relax: _Relaxation,
+    needed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """CROWN lower and upper bounds [B, len(units)] of the flat ``units`` of ``node``."""
+    """CROWN lower and upper bounds [B, len(units)] of the flat ``units`` of ``node``.
+
+    ``needed`` (Tensor[B, len(units)], bool): the entries each example needs; the others may
+    hold any value. Each example then pushes back only the rows of its own needed units (as
+    many rows as the example that needs most), not those of every unit any example needs.
+    """
     chain = _patch_chain(graph, node)
     if chain is not None:
         return _patch_unit_bounds(graph, chain, units, c0, r0, relax)
@@ -678,6 +1054,11 @@ def _unit_bounds(
     n = math.prod(shape)
     widest = max(math.prod(graph.nodes[i].shape) for i in range(node + 1))
     chunk = max(1, _CHUNK_FLOATS // max(1, c0.shape[0] * widest * 2))
+    if needed is not None:
+        counts = needed.sum(1)
+        most = int(counts.max()) if counts.numel() else 0
+        if most < units.numel():
+            return _own_unit_bounds(graph, node, units, needed, most, chunk, c0, r0, relax)
     lowers, uppers = [], []
     for start in range(0, units.numel(), chunk):
         part = units[start : start + chunk]
@@ -687,6 +1068,36 @@ def _unit_bounds(
         lowers.append(both[:, : part.numel()])
         uppers.append(-both[:, part.numel() :])
     return torch.cat(lowers, 1), torch.cat(uppers, 1)
+
+
+def _own_unit_bounds(
+    graph: _Graph,
+    node: int,
+    units: Tensor,
+    needed: Tensor,
+    most: int,
+    chunk: int,
+    c0: Tensor,
+    r0: Tensor,
+    relax: _Relaxation,
+) -> tuple[Tensor, Tensor]:
+    """``_unit_bounds`` by per-example rows: example b's first rows are its needed units."""
+    batch, shape = c0.shape[0], graph.nodes[node].shape
+    n = math.prod(shape)
+    # needed columns first, in order: a stable sort of the not-needed flags
+    order = torch.sort((~needed).to(torch.uint8), dim=1, stable=True).indices[:, :most]
+    valid = torch.arange(most, device=c0.device) < needed.sum(1, keepdim=True)
+    lower = c0.new_zeros(batch, units.numel())
+    upper = c0.new_zeros(batch, units.numel())
+    for start in range(0, most, chunk):
+        picked = order[:, start : start + chunk]  # [B, k] columns of units
+        rows = F.one_hot(units[picked], n).to(c0.dtype) * valid[:, start : start + chunk, None]
+        k = picked.shape[1]
+        A = torch.cat([rows, -rows], 1).view(batch, 2 * k, *shape)
+        both = _backward_lower(graph, node, A, c0, r0, relax)
+        lower = lower.scatter(1, picked, both[:, :k])
+        upper = upper.scatter(1, picked, -both[:, k:])
+    return lower, upper
 
 
 # A unit of a convolutional feature map depends on a window of the input only: its A-matrix is
@@ -719,15 +1130,33 @@ def _layer_window(node: _Node, like: Tensor) -> tuple[Tensor, tuple, tuple, tupl
     return None
 
 
-def _windows(maps: Tensor, size, stride, pad, positions: Tensor) -> Tensor:
-    """The windows of ``maps`` [B, C, H, W] at ``positions``: [B, 1, len, 1, C, kh, kw]."""
-    cols = F.unfold(maps, size, padding=pad, stride=stride).transpose(1, 2)  # [B, L, C*kh*kw]
+def _windows(maps: Tensor, size, stride, pad, positions: Tensor, cache=None) -> Tensor:
+    """The windows of ``maps`` [B, C, H, W] at ``positions``: [B, 1, len, 1, C, kh, kw].
+
+    ``cache`` (dict | None): unfolded maps kept across the chunks of one bound computation.
+    """
+    key = (id(maps), tuple(size), tuple(stride), tuple(pad))
+    if cache is not None and key in cache:
+        cols = cache[key][1]
+    else:
+        # [B, L, C*kh*kw], contiguous: index_select would copy the whole transpose at each call
+        cols = F.unfold(maps, size, padding=pad, stride=stride).transpose(1, 2).contiguous()
+        if cache is not None:
+            cache[key] = (maps, cols)  # the map is kept so that its id is not reused
     picked = cols.index_select(1, positions)
     return picked.reshape(maps.shape[0], 1, -1, 1, maps.shape[1], *size)
 
 
 def _patch_step(
-    node: _Node, index: int, P: Tensor, clean: bool, window, positions: Tensor, relax, like
+    node: _Node,
+    index: int,
+    P: Tensor,
+    clean: bool,
+    window,
+    positions: Tensor,
+    relax,
+    like,
+    cache=None,
 ) -> tuple[Tensor, Tensor | int, bool]:
     """One node of the windowed backward pass: (P on the node's input, bias term, clean).
 
@@ -741,9 +1170,9 @@ def _patch_step(
         clean = True
     if node.kind == "relu":
         slope_l, slope_u, icpt_u, _ = relax.lines(index)
-        slope_l = _windows(slope_l, size, stride, pad, positions)
-        slope_u = _windows(slope_u, size, stride, pad, positions)
-        icpt_u = _windows(icpt_u, size, stride, pad, positions)
+        slope_l = _windows(slope_l, size, stride, pad, positions, cache)
+        slope_u = _windows(slope_u, size, stride, pad, positions, cache)
+        icpt_u = _windows(icpt_u, size, stride, pad, positions, cache)
         A_neg = P.clamp(max=0)
         P = torch.addcmul(P * slope_l, A_neg, slope_u - slope_l)
         bias = (A_neg * icpt_u).sum((-3, -2, -1))
@@ -805,6 +1234,7 @@ def _patch_unit_bounds(
     chunk = max(1, _CHUNK_FLOATS // max(1, c0.shape[0] * widest * 2 * channels))
     lowers, uppers = [], []
     eye = torch.eye(channels, dtype=c0.dtype, device=c0.device)
+    cache: dict = {}  # maps unfolded once for all chunks of positions
     sign = torch.tensor([1.0, -1.0], dtype=c0.dtype, device=c0.device).view(1, 2, 1, 1, 1)
     # Above the first ReLU the windows are the same at every position (dimension 2 is 1).
     start_P = (sign * eye.view(1, 1, 1, channels, channels)).view(1, 2, 1, channels, channels, 1, 1)
@@ -827,14 +1257,15 @@ def _patch_unit_bounds(
                     relax,
                     c0,
                     r0,
+                    cache,
                 )
                 break
-            P, b, clean = _patch_step(node, index, P, clean, window, positions, relax, c0)
+            P, b, clean = _patch_step(node, index, P, clean, window, positions, relax, c0, cache)
             bias = bias + b
         if done is None:
             size, stride, pad = geometry[-1]
-            centre = _windows(c0, size, stride, pad, positions)
-            radius = _windows(r0, size, stride, pad, positions)
+            centre = _windows(c0, size, stride, pad, positions, cache)
+            radius = _windows(r0, size, stride, pad, positions, cache)
             done = (P * centre).sum((-3, -2, -1)) - (P.abs() * radius).sum((-3, -2, -1))
         both = done + bias
         lowers.append(both[:, 0])
@@ -846,7 +1277,7 @@ def _patch_unit_bounds(
 
 
 def _first_relu_by_products(
-    graph, tail, tail_geometry, relu, P, window, positions, relax, c0, r0
+    graph, tail, tail_geometry, relu, P, window, positions, relax, c0, r0, cache=None
 ) -> Tensor:
     """The bound [B, 2, positions, C_start] from the first ReLU down, by two matrix products.
 
@@ -861,7 +1292,7 @@ def _first_relu_by_products(
     clean, tail_bias = True, torch.zeros(1, 1, 1, K, dtype=c0.dtype, device=c0.device)
     for index, step_window in zip(tail, tail_geometry):
         basis, b, clean = _patch_step(
-            graph.nodes[index], index, basis, clean, step_window, positions, relax, c0
+            graph.nodes[index], index, basis, clean, step_window, positions, relax, c0, cache
         )
         tail_bias = tail_bias + b
     tail_map = torch.cat([basis.reshape(K, -1), tail_bias.reshape(K, 1)], 1)  # [K, K_in + 1]
@@ -871,21 +1302,24 @@ def _first_relu_by_products(
     size, stride, pad = window
     slope_l, slope_u, icpt_u, _ = relax.lines(relu)
     batch = c0.shape[0]
-    slope_l = _windows(slope_l, size, stride, pad, positions).reshape(-1, K)
-    slope_u = _windows(slope_u, size, stride, pad, positions).reshape(-1, K)
-    icpt_u = _windows(icpt_u, size, stride, pad, positions).reshape(-1, K)
-    out = torch.addmm(slope_u.matmul(negative), slope_l, positive)
-    out = out.view(batch, -1, signs, channels, tail_map.shape[1])  # [B, n, 2, C_start, K_in + 1]
+    slope_l = _windows(slope_l, size, stride, pad, positions, cache).reshape(-1, K)
+    slope_u = _windows(slope_u, size, stride, pad, positions, cache).reshape(-1, K)
+    icpt_u = _windows(icpt_u, size, stride, pad, positions, cache).reshape(-1, K)
+    # [B n, 2 C_start (K_in + 1)]: the product in place of the first, not copied into a third
+    out = slope_u.matmul(negative).addmm_(slope_l, positive)
+    out = out.view(-1, signs * channels, tail_map.shape[1])  # [B n, 2 C_start, K_in + 1]
     relu_bias = icpt_u.matmul(rows.clamp(max=0).T).view(batch, -1, signs, channels)
     size, stride, pad = tail_geometry[-1]  # the input's windows
-    P_in = out[..., :-1]
-    centre = _windows(c0, size, stride, pad, positions).view(batch, -1, 1, 1, P_in.shape[-1])
-    radius = _windows(r0, size, stride, pad, positions).view(batch, -1, 1, 1, P_in.shape[-1])
-    value = torch.bmm(
-        P_in.reshape(-1, signs * channels, P_in.shape[-1]), centre.reshape(-1, P_in.shape[-1], 1)
-    ).view(batch, -1, signs, channels)
-    value = value - (P_in.abs() * radius).sum(-1)
-    return (value + out[..., -1] + relu_bias).transpose(1, 2)
+    # The window's centre and radius with a last entry 1 and 0, for the tail's bias column.
+    centre = _windows(c0, size, stride, pad, positions, cache).reshape(out.shape[0], -1)
+    radius = _windows(r0, size, stride, pad, positions, cache).reshape(out.shape[0], -1)
+    centre = F.pad(centre, (0, 1), value=1.0).unsqueeze(1)
+    radius = F.pad(radius, (0, 1), value=0.0).unsqueeze(1)
+    # [B n, 1, K_in + 1] @ [B n, K_in + 1, 2 C_start]: the fast orientation of bmm
+    value = torch.bmm(centre, out.transpose(1, 2))
+    magnitude = out.abs_() if not torch.is_grad_enabled() else out.abs()
+    value = value - torch.bmm(radius, magnitude.transpose(1, 2))
+    return (value.view(batch, -1, signs, channels) + relu_bias).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -987,13 +1421,25 @@ def interval_bounds(
         True
     """
     graph, c0, r0, C = _prepare(model, x_lower, x_upper, C, domain, "interval_bounds")
+    return _interval_bounds(graph, c0, r0, C, "interval_bounds")
+
+
+def _interval_bounds(
+    graph: _Graph,
+    c0: Tensor,
+    r0: Tensor,
+    C: Tensor | None,
+    caller: str,
+    refine: Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """IBP of the graph (or of ``C @ output``) from the box ``(c0, r0)``; see interval_bounds."""
     out = graph.nodes[graph.output]
     fold = C is not None and out.kind == "linear"
     stop = graph.output if not fold else out.inputs[0]
-    c, r = _forward_intervals(_Graph(graph.nodes[: stop + 1], stop, ()), c0, r0)
+    c, r = _forward_intervals(_Graph(graph.nodes[: stop + 1], stop, ()), c0, r0, refine)
     if fold:
         out.shape = (out.module.out_features,)
-        _check_spec(C, graph, "interval_bounds")
+        _check_spec(C, graph, caller)
         weight = C.matmul(out.module.weight)  # [B or 1, m, in]
         c_out = torch.einsum("bmi,bi->bm", weight.expand(c.shape[0], -1, -1), c)
         if out.module.bias is not None:
@@ -1001,7 +1447,7 @@ def interval_bounds(
         r_out = torch.einsum("bmi,bi->bm", weight.abs().expand(c.shape[0], -1, -1), r)
         return c_out - r_out, c_out + r_out
     if C is not None:
-        _check_spec(C, graph, "interval_bounds")
+        _check_spec(C, graph, caller)
         c, r = c.flatten(1), r.flatten(1)
         c = torch.einsum("bmo,bo->bm", C.expand(c.shape[0], -1, -1), c)
         r = torch.einsum("bmo,bo->bm", C.abs().expand(r.shape[0], -1, -1), r)
@@ -1088,11 +1534,64 @@ def crown_bounds(
         raise ValueError("crown_bounds: bound_lower and bound_upper are both False; ask for one")
     spec_given = C is not None
     graph, c0, r0, C = _prepare(model, x_lower, x_upper, C, domain, "crown_bounds")
+    lower, upper, _ = _crown(
+        graph,
+        c0,
+        r0,
+        C,
+        spec_given,
+        method,
+        alpha_steps,
+        alpha_lr,
+        interval_reference,
+        bound_lower,
+        bound_upper,
+    )
+    return lower, upper
+
+
+def _crown_ibp_and_interval(
+    model: nn.Module,
+    x_lower: Tensor,
+    x_upper: Tensor,
+    C: Tensor,
+    domain: tuple[float, float] | None,
+) -> tuple[Tensor, Tensor]:
+    """Lower bounds [B, m] of ``C @ model`` by CROWN-IBP and by IBP, from one interval pass.
+
+    CROWN-IBP's pre-activation bounds are the IBP boxes, so the IBP bound of the output comes
+    from the same forward pass (what CROWN-IBP training mixes, Zhang et al. 2020).
+    """
+    graph, c0, r0, C = _prepare(model, x_lower, x_upper, C, domain, "crown_bounds")
+    lower, _, interval = _crown(
+        graph, c0, r0, C, True, "crown-ibp", 0, 1.0, True, True, False, interval=True
+    )
+    return lower, interval
+
+
+def _crown(
+    graph: _Graph,
+    c0: Tensor,
+    r0: Tensor,
+    C: Tensor | None,
+    spec_given: bool,
+    method: str,
+    alpha_steps: int,
+    alpha_lr: float,
+    interval_reference: bool,
+    bound_lower: bool,
+    bound_upper: bool,
+    interval: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """crown_bounds on a prepared graph and box; with ``interval``, also the IBP lower bound."""
     relax = _Relaxation({}, {}, "wong-kolter" if method == "wong-kolter" else "crown")
 
     def refine(relu: int, c: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
         lower, upper = (c - r).flatten(1), (c + r).flatten(1)
-        if method != "crown-ibp" and not graph.nodes[graph.nodes[relu].inputs[0]].exact_interval:
+        if method == "crown-ibp":
+            relax.lower[relu], relax.upper[relu] = lower.view_as(c), upper.view_as(c)
+            return c, r
+        if not graph.nodes[graph.nodes[relu].inputs[0]].exact_interval:
             # Where the interval reference already shows a unit stable (as auto_LiRPA does), its
             # relaxation is exact whatever the bounds: CROWN bounds only the other units.
             unstable = (lower < 0) & (upper > 0)
@@ -1101,7 +1600,9 @@ def crown_bounds(
             units = unstable.any(0).nonzero().flatten()
             if units.numel():
                 source = graph.nodes[relu].inputs[0]
-                unit_lower, unit_upper = _unit_bounds(graph, source, units, c0, r0, relax)
+                unit_lower, unit_upper = _unit_bounds(
+                    graph, source, units, c0, r0, relax, unstable[:, units]
+                )
                 keep = ~unstable[:, units]
                 unit_lower = torch.where(keep, lower[:, units], unit_lower)
                 unit_upper = torch.where(keep, upper[:, units], unit_upper)
@@ -1112,7 +1613,11 @@ def crown_bounds(
             relax.upper[relu] - relax.lower[relu]
         ) / 2
 
-    _forward_intervals(graph, c0, r0, refine)
+    if interval:
+        interval_lower = _interval_bounds(graph, c0, r0, C, "crown_bounds", refine)[0]
+    else:
+        interval_lower = None
+        _forward_intervals(graph, c0, r0, refine)
     out_shape = graph.nodes[graph.output].shape
     if C is None:
         n = math.prod(out_shape)
@@ -1131,7 +1636,7 @@ def crown_bounds(
         found = found.view(found.shape[0], len(sides), m)
     lower = found[:, 0] if bound_lower else None
     upper = -found[:, -1] if bound_upper else None
-    return lower, upper
+    return lower, upper, interval_lower
 
 
 def _optimise_slopes(

@@ -190,12 +190,11 @@ def _margin_lower_bound(
     x_lower, x_upper = x - eps, x + eps
     if method == "ibp" or (method == "crown-ibp" and beta == 0.0):
         return bounds.interval_bounds(net, x_lower, x_upper, C=C, domain=domain)[0]
-    linear = bounds.crown_bounds(
-        net, x_lower, x_upper, C=C, method=method, domain=domain, bound_upper=False
-    )[0]
     if method != "crown-ibp" or beta == 1.0:
-        return linear
-    interval = bounds.interval_bounds(net, x_lower, x_upper, C=C, domain=domain)[0]
+        return bounds.crown_bounds(
+            net, x_lower, x_upper, C=C, method=method, domain=domain, bound_upper=False
+        )[0]
+    linear, interval = bounds._crown_ibp_and_interval(net, x_lower, x_upper, C, domain)
     return beta * linear + (1.0 - beta) * interval
 
 
