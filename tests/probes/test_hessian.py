@@ -253,10 +253,17 @@ def test_operator_follows_parameter_updates():
     torch.testing.assert_close(H @ v, _dense_hessian(model, x, y, "mse") @ v)
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
 def test_device_and_dtype_are_the_models(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no GPU")
     model = tiny_mlp(dtype=torch.float32).to(device)
     x, y = torch.randn(8, 6), torch.randn(8, 3)  # data on the CPU: moved to the model's device
     H = HessianOperator(model, nn.MSELoss(), (x, y))
