@@ -29,24 +29,16 @@ from _common import median_time, write_json
 from torch import nn
 
 from torch_dlt.data import digits, mnist
+from torch_dlt.nn import cnn_small
 from torch_dlt.robust.bounds import crown_bounds, interval_bounds, margin_matrix
 
 MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist.npz"
 EPS = 0.1
 
 
-def cnn_small() -> nn.Module:
+def seeded_cnn_small() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 100),
-        nn.ReLU(),
-        nn.Linear(100, 10),
-    ).eval()
+    return cnn_small().eval()
 
 
 def batch(size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -65,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(1)
     size = 32 if args.quick else 256
     repeats = 3 if args.quick else 5
-    net = cnn_small()
+    net = seeded_cnn_small()
     x, y, data = batch(size)
     C = margin_matrix(y, 10)
     lower, upper = (x - EPS).clamp(0, 1), (x + EPS).clamp(0, 1)

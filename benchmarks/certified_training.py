@@ -31,23 +31,11 @@ from _common import write_json
 from torch import nn
 from torch.nn import functional as F
 
+from torch_dlt.nn import cnn_small
 from torch_dlt.robust import CertifiedTraining, bounds
 
 EPS = 0.1
 BATCH = 256
-
-
-def cnn_small() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 100),
-        nn.ReLU(),
-        nn.Linear(100, 10),
-    )
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from torch_dlt.data import digits, mnist
+from torch_dlt.nn import cnn_small
 from torch_dlt.robust import CertifiedTraining, certify
 
 HERE = Path(__file__).resolve().parent
@@ -44,20 +45,6 @@ PUBLISHED = {
     "Gowal et al. 2018 (IBP), eps 0.3": (8.05, None),
     "Zhang et al. 2020 (CROWN-IBP), eps 0.3": (6.68, 1.62),
 }
-
-
-def cnn_small() -> nn.Sequential:
-    """Wong & Kolter (2018)'s small MNIST network."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 100),
-        nn.ReLU(),
-        nn.Linear(100, 10),
-    )
 
 
 def load_data(path: Path, quick: bool) -> tuple[str, torch.Tensor, ...]:

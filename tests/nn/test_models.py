@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_dlt.nn import ACTIVATIONS, DeepCNN, DeepMLP, LeNet5, activation_layer
+from torch_dlt.nn import ACTIVATIONS, DeepCNN, DeepMLP, LeNet5, activation_layer, cnn_small
 from torch_dlt.testing import randn, tiny_cnn, tiny_mlp
 
 
@@ -161,3 +161,15 @@ def test_activation_names_match_the_theory():
     for name in ACTIVATIONS:
         expected = theory.ACTIVATIONS[name].function(x.numpy())
         torch.testing.assert_close(activation_layer(name)(x), torch.from_numpy(expected))
+
+
+def test_cnn_small_has_wong_and_kolters_layers():
+    net = cnn_small()
+    # conv 16 4x4 (1 in), conv 32 4x4, fc 1568 -> 100, fc 100 -> 10, with biases
+    expected = (16 * 16 + 16) + (32 * 16 * 16 + 32) + (32 * 7 * 7 * 100 + 100) + (100 * 10 + 10)
+    assert sum(p.numel() for p in net.parameters()) == expected
+    assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    wide = cnn_small(in_channels=3, input_size=32, num_classes=5)
+    assert wide(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+    with pytest.raises(ValueError, match="input_size must be a multiple of 4"):
+        cnn_small(input_size=30)

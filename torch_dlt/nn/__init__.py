@@ -17,7 +17,15 @@ from torch_dlt.nn.generative import (
     train_vae,
     unit_intervention,
 )
-from torch_dlt.nn.models import ACTIVATIONS, DeepCNN, DeepMLP, Erf, LeNet5, activation_layer
+from torch_dlt.nn.models import (
+    ACTIVATIONS,
+    DeepCNN,
+    DeepMLP,
+    Erf,
+    LeNet5,
+    activation_layer,
+    cnn_small,
+)
 from torch_dlt.nn.scattering import (
     MorletFilterBank,
     Scattering2D,
@@ -45,6 +53,7 @@ __all__ = [
     "UnitIntervention",
     "VAEOutput",
     "activation_layer",
+    "cnn_small",
     "gan_discriminator_loss",
     "gan_generator_loss",
     "rank_units",

@@ -1,4 +1,5 @@
-"""Reference models: LeNet-5 (LeCun et al. 1998) and deep same-width MLPs / CNNs.
+"""Reference models: LeNet-5 (LeCun et al. 1998), Wong & Kolter's (2018) small CNN, and deep
+same-width MLPs / CNNs.
 
 The deep nets are the objects of mean-field signal-propagation theory (Poole et al. 2016;
 Schoenholz et al. 2017); each model exposes its activation's name so initialisers can read it.
@@ -12,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "DeepCNN", "DeepMLP", "Erf", "LeNet5", "activation_layer"]
+__all__ = ["ACTIVATIONS", "DeepCNN", "DeepMLP", "Erf", "LeNet5", "activation_layer", "cnn_small"]
 
 
 class Erf(nn.Module):
@@ -80,6 +81,41 @@ def _check_positive_int(value: object, argument: str, owner: str) -> None:
 def _check_pooling(pooling: object, owner: str) -> None:
     if pooling not in _POOLINGS:
         raise ValueError(f"{owner}: pooling must be one of {_POOLINGS}, got {pooling!r}")
+
+
+def cnn_small(in_channels: int = 1, input_size: int = 28, num_classes: int = 10) -> nn.Sequential:
+    """Wong & Kolter's (2018) "small" MNIST network: conv 16 4x4/2, conv 32 4x4/2, fc 100, fc 10.
+
+    The benchmark network of certified training (Wong & Kolter 2018, "Provable defenses against
+    adversarial examples via the convex outer adversarial polytope"; Gowal et al. 2018; Zhang et
+    al. 2020): ReLU after each layer but the last, padding 1, so each convolution halves the
+    image. A plain ``nn.Sequential`` of the layers the bound engine supports.
+
+    Args:
+        in_channels (int): channels of the input image.
+        input_size (int): side of the square input, a multiple of 4.
+        num_classes (int): outputs.
+
+    Returns:
+        nn.Sequential: the network for inputs ``[B, in_channels, input_size, input_size]``.
+
+    Example:
+        >>> cnn_small()(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+    if input_size < 4 or input_size % 4:
+        raise ValueError(f"cnn_small: input_size must be a multiple of 4, got {input_size}")
+    side = input_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * side * side, 100),
+        nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
 
 
 class LeNet5(nn.Module):
