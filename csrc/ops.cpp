@@ -37,4 +37,20 @@ TORCH_LIBRARY(torch_dlt, m) {
   m.def(
       "sequential_hvp(Tensor inputs, Tensor targets, Tensor[] params, Tensor?[] directions, "
       "int[] program, float[] constants, int loss, int reduction, bool ggn) -> Tensor[]");
+  // Certified bounds (torch_dlt/robust/bounds.py). CROWN's backward step through a ReLU whose
+  // lower / upper lines have slopes slope_l / slope_u: for A [B, m, K] and vectors [B or 1, K],
+  // A_in = slope_l A+ + slope_u A- and bias = A- . v_neg + A . v_all (v_neg carries the upper
+  // line's intercept, v_all a bias of the layer below).
+  m.def(
+      "relu_lines(Tensor A, Tensor slope_l, Tensor slope_u, Tensor v_neg, Tensor? v_all) -> "
+      "(Tensor A_in, Tensor bias)");
+  // Its gradient with respect to A, slope_l, slope_u, v_neg and v_all (each [B, K], v_all's
+  // summed by the caller where it was shared).
+  m.def(
+      "relu_lines_backward(Tensor grad_in, Tensor grad_bias, Tensor A, Tensor slope_l, "
+      "Tensor slope_u, Tensor v_neg, Tensor? v_all) -> (Tensor grad_A, Tensor grad_slope_l, "
+      "Tensor grad_slope_u, Tensor grad_v_neg, Tensor grad_v_all)");
+  // Interval bound propagation through a ReLU in place: the box centre c, radius r becomes
+  // (u + l, u - l) with u = relu(c + r), l = relu(c - r), i.e. twice the new centre and radius.
+  m.def("ibp_relu_(Tensor(a!) c, Tensor(b!) r) -> ()");
 }

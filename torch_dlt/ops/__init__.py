@@ -25,6 +25,10 @@ if _extension.load():
         from torch_dlt.ops import _hvp_fake
 
         _hvp_fake.register()
+    if hasattr(torch.ops.torch_dlt, "relu_lines"):
+        from torch_dlt.ops import _bounds_fake
+
+        _bounds_fake.register()
 
 
 def has_ops() -> bool:
@@ -137,3 +141,11 @@ __all__ += [
     "loss_curvature",
     "sequential_hvp",
 ]
+
+from torch_dlt.ops.bounds import (  # noqa: E402  (needs has_ops above)
+    has_bounds_ops,
+    ibp_relu_,
+    relu_lines,
+)
+
+__all__ += ["has_bounds_ops", "ibp_relu_", "relu_lines"]

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from torch_dlt import ops as _ops
+
 __all__ = [
     "Normalize",
     "Residual",
@@ -403,6 +405,8 @@ def _interval_step(node: _Node, c: Tensor, r: Tensor, k: float) -> tuple[Tensor,
         # In place where nothing else reads the input box, and where autograd does not need
         # the ReLU's result: each fresh activation-sized tensor costs a pass of page faults.
         if node.exclusive_input and not torch.is_grad_enabled():
+            if _ops.has_bounds_ops(c) and c.is_contiguous() and r.is_contiguous():
+                return (*_ops.ibp_relu_(c, r), k / 2)
             return (*_relu_box_in_place(c, r), k / 2)
         upper = (c + r).relu_()
         lower = (c.sub_(r) if node.exclusive_input else c - r).relu_()
@@ -656,6 +660,10 @@ def _relu_backward(
     if owned:
         A_in = A_flat
         bias = _relu_lines(A_flat, *slopes, v_neg, v_all, A_in)
+    elif _ops.has_bounds_ops(A_flat):
+        A_in, bias = _ops.relu_lines(
+            A_flat, slopes[0].squeeze(1), slopes[1].squeeze(1), v_neg, v_all
+        )
     else:
         A_in, bias = _ReluLines.apply(A_flat, *slopes, v_neg, v_all)
     if channels_last:
@@ -1440,11 +1448,12 @@ def _interval_bounds(
     if fold:
         out.shape = (out.module.out_features,)
         _check_spec(C, graph, caller)
-        weight = C.matmul(out.module.weight)  # [B or 1, m, in]
-        c_out = torch.einsum("bmi,bi->bm", weight.expand(c.shape[0], -1, -1), c)
-        if out.module.bias is not None:
-            c_out = c_out + C.matmul(out.module.bias)
-        r_out = torch.einsum("bmi,bi->bm", weight.abs().expand(c.shape[0], -1, -1), r)
+        # The centre goes through the layer first ([B, out], then C); the radius needs |C W|
+        # [B or 1, m, in], reduced elementwise: batched matrix-vector products of this size
+        # cost more in call overhead than in arithmetic.
+        logits = F.linear(c, out.module.weight, out.module.bias)
+        c_out = (C * logits.unsqueeze(1)).sum(-1)
+        r_out = (C.matmul(out.module.weight).abs() * r.unsqueeze(1)).sum(-1)
         return c_out - r_out, c_out + r_out
     if C is not None:
         _check_spec(C, graph, caller)

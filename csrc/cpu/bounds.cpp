@@ -1,0 +1,261 @@
+// CPU kernels of the certified-bound ops (torch_dlt/robust/bounds.py):
+//
+//   relu_lines           CROWN's backward step through a ReLU relaxed by per-unit lines:
+//                        A_in = slope_l A+ + slope_u A-  and  bias = A- . v_neg + A . v_all,
+//   relu_lines_backward  its gradient with respect to every input,
+//   ibp_relu_            interval propagation through a ReLU, centre and radius in place.
+//
+// Each is one pass over memory, where the same expressions in ATen ops take four (forward) to
+// eight (gradient) passes over the A-matrix, the largest tensor of a bound computation. Rows of
+// A are [K] contiguous; a batch stride of 0 (an expanded A or vector) is read as is.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+namespace torch_dlt {
+namespace {
+
+constexpr int64_t kLanes = 8;     // independent partial sums: the dot products vectorise
+constexpr int64_t kTile = 512;    // columns per tile of the gradient: its 8 vectors stay in L1
+constexpr int64_t kGrain = 32768; // elements per parallel task
+
+// Geometry of A [B, m, K] and of the [B or 1, K] vectors.
+struct Lines {
+  int64_t batch, rows, cols;
+};
+
+// t with unit stride along its last dimension and, for A, rows K apart; the batch stride may
+// be anything (0 for an expanded tensor).
+at::Tensor rows_contiguous(const at::Tensor& t) {
+  const int64_t d = t.dim();
+  bool ok = t.stride(d - 1) == 1 || t.size(d - 1) <= 1;
+  if (d == 3) ok = ok && (t.stride(1) == t.size(2) || t.size(1) <= 1);
+  return ok ? t : t.contiguous();
+}
+
+int64_t batch_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.stride(0); }
+
+Lines check_lines(const char* op, const at::Tensor& A, const at::Tensor& slope_l,
+                  const at::Tensor& slope_u, const at::Tensor& v_neg,
+                  const c10::optional<at::Tensor>& v_all) {
+  TORCH_CHECK(A.dim() == 3, "torch_dlt::", op, ": A must be [B, m, K], got ", A.sizes());
+  TORCH_CHECK(A.device().is_cpu(), "torch_dlt::", op, ": tensors must be on the CPU");
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+              "torch_dlt::", op, ": A must be float32 or float64, got ", A.scalar_type());
+  const Lines s{A.size(0), A.size(1), A.size(2)};
+  auto check_vector = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 2 && (t.size(0) == s.batch || t.size(0) == 1) && t.size(1) == s.cols,
+                "torch_dlt::", op, ": ", name, " must be [B or 1, K] = [", s.batch, " or 1, ",
+                s.cols, "], got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == A.scalar_type() && t.device() == A.device(), "torch_dlt::", op,
+                ": ", name, " must have A's dtype and device");
+  };
+  check_vector(slope_l, "slope_l");
+  check_vector(slope_u, "slope_u");
+  check_vector(v_neg, "v_neg");
+  if (v_all.has_value()) check_vector(*v_all, "v_all");
+  return s;
+}
+
+// min(x, 0) without a branch (a data-dependent branch per element costs a misprediction on
+// every other one): x - |x| is exactly 2x or 0.
+template <typename T>
+inline T negative_part(T x) {
+  return T(0.5) * (x - std::abs(x));
+}
+
+// One row of relu_lines: writes o, returns the row's bias. Pointer parameters (GCC honours
+// restrict on parameters, not on local pointers) let the loops vectorise.
+template <typename T, bool kAll>
+inline T forward_row(int64_t K, const T* __restrict a, const T* __restrict l,
+                     const T* __restrict u, const T* __restrict n, const T* __restrict v,
+                     T* __restrict o) {
+  T acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const T x = a[k + j];
+      const T neg = negative_part(x);
+      o[k + j] = l[k + j] * x + (u[k + j] - l[k + j]) * neg;
+      acc[j] += kAll ? neg * n[k + j] + x * v[k + j] : neg * n[k + j];
+    }
+  }
+  T total = 0;
+  for (; k < K; ++k) {
+    const T x = a[k];
+    const T neg = negative_part(x);
+    o[k] = l[k] * x + (u[k] - l[k]) * neg;
+    total += kAll ? neg * n[k] + x * v[k] : neg * n[k];
+  }
+  for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
+  return total;
+}
+
+// Columns [k0, k1) of one row of the gradient: writes o, accumulates the four vector gradients.
+template <typename T, bool kAll>
+inline void backward_row(int64_t k0, int64_t k1, T h, const T* __restrict a,
+                         const T* __restrict g, const T* __restrict l, const T* __restrict u,
+                         const T* __restrict n, const T* __restrict v, T* __restrict o,
+                         T* __restrict out_l, T* __restrict out_u, T* __restrict out_n,
+                         T* __restrict out_v) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const T x = a[k], gk = g[k];
+    const T neg = negative_part(x);
+    const T below = T(x < T(0));  // 1 or 0, without a branch
+    // slope_l (and v_all) everywhere, plus (slope_u - slope_l) and v_neg where A < 0
+    const T grad = gk * l[k] + below * (gk * (u[k] - l[k]) + h * n[k]);
+    o[k] = kAll ? grad + h * v[k] : grad;
+    out_l[k] += gk * (x - neg);
+    out_u[k] += gk * neg;
+    out_n[k] += h * neg;
+    if (kAll) out_v[k] += h * x;
+  }
+}
+
+template <typename T, bool kAll>
+void lines_forward(const Lines& s, const T* A, int64_t sa, const T* sl, int64_t ssl, const T* su,
+                   int64_t ssu, const T* vn, int64_t svn, const T* va, int64_t sva, T* out,
+                   T* bias) {
+  const int64_t K = s.cols;
+  at::parallel_for(0, s.batch * s.rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(K, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / s.rows, i = row % s.rows;
+      bias[row] = forward_row<T, kAll>(K, A + b * sa + i * K, sl + b * ssl, su + b * ssu,
+                                       vn + b * svn, kAll ? va + b * sva : nullptr, out + row * K);
+    }
+  });
+}
+
+template <typename T, bool kAll>
+void lines_backward(const Lines& s, const T* G, const T* GB, const T* A, int64_t sa, const T* sl,
+                    int64_t ssl, const T* su, int64_t ssu, const T* vn, int64_t svn, const T* va,
+                    int64_t sva, T* gA, T* gl, T* gu, T* gn, T* gv) {
+  const int64_t K = s.cols, m = s.rows;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(K * m, 1));
+  at::parallel_for(0, s.batch, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const T* l = sl + b * ssl;
+      const T* u = su + b * ssu;
+      const T* n = vn + b * svn;
+      const T* v = kAll ? va + b * sva : nullptr;
+      T* out_l = gl + b * K;
+      T* out_u = gu + b * K;
+      T* out_n = gn + b * K;
+      T* out_v = gv + b * K;
+      std::fill(out_l, out_l + K, T(0));
+      std::fill(out_u, out_u + K, T(0));
+      std::fill(out_n, out_n + K, T(0));
+      std::fill(out_v, out_v + K, T(0));  // stays 0 without v_all
+      for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+        const int64_t k1 = std::min(K, k0 + kTile);
+        for (int64_t i = 0; i < m; ++i) {
+          backward_row<T, kAll>(k0, k1, GB[b * m + i], A + b * sa + i * K, G + (b * m + i) * K,
+                                l, u, n, v, gA + (b * m + i) * K, out_l, out_u, out_n, out_v);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_lines_cpu(const at::Tensor& A_, const at::Tensor& slope_l_,
+                                                  const at::Tensor& slope_u_,
+                                                  const at::Tensor& v_neg_,
+                                                  const c10::optional<at::Tensor>& v_all_) {
+  const Lines s = check_lines("relu_lines", A_, slope_l_, slope_u_, v_neg_, v_all_);
+  const at::Tensor A = rows_contiguous(A_), slope_l = rows_contiguous(slope_l_),
+                   slope_u = rows_contiguous(slope_u_), v_neg = rows_contiguous(v_neg_);
+  const at::Tensor v_all = v_all_.has_value() ? rows_contiguous(*v_all_) : at::Tensor();
+  at::Tensor out = at::empty({s.batch, s.rows, s.cols}, A.options());
+  at::Tensor bias = at::empty({s.batch, s.rows}, A.options());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "relu_lines_cpu", [&] {
+    auto kernel = v_all.defined() ? lines_forward<scalar_t, true> : lines_forward<scalar_t, false>;
+    kernel(
+        s, A.data_ptr<scalar_t>(), batch_stride(A), slope_l.data_ptr<scalar_t>(),
+        batch_stride(slope_l), slope_u.data_ptr<scalar_t>(), batch_stride(slope_u),
+        v_neg.data_ptr<scalar_t>(), batch_stride(v_neg),
+        v_all.defined() ? v_all.data_ptr<scalar_t>() : nullptr,
+        v_all.defined() ? batch_stride(v_all) : 0, out.data_ptr<scalar_t>(),
+        bias.data_ptr<scalar_t>());
+  });
+  return {out, bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_lines_backward_cpu(
+    const at::Tensor& grad_in_, const at::Tensor& grad_bias_, const at::Tensor& A_,
+    const at::Tensor& slope_l_, const at::Tensor& slope_u_, const at::Tensor& v_neg_,
+    const c10::optional<at::Tensor>& v_all_) {
+  const Lines s = check_lines("relu_lines_backward", A_, slope_l_, slope_u_, v_neg_, v_all_);
+  TORCH_CHECK(grad_in_.sizes() == at::IntArrayRef({s.batch, s.rows, s.cols}),
+              "torch_dlt::relu_lines_backward: grad_in must be [B, m, K] = ", A_.sizes(), ", got ",
+              grad_in_.sizes());
+  TORCH_CHECK(grad_bias_.sizes() == at::IntArrayRef({s.batch, s.rows}),
+              "torch_dlt::relu_lines_backward: grad_bias must be [B, m] = [", s.batch, ", ",
+              s.rows, "], got ", grad_bias_.sizes());
+  TORCH_CHECK(grad_in_.scalar_type() == A_.scalar_type() &&
+                  grad_bias_.scalar_type() == A_.scalar_type(),
+              "torch_dlt::relu_lines_backward: gradients must have A's dtype");
+  const at::Tensor G = grad_in_.contiguous(), GB = grad_bias_.contiguous();
+  const at::Tensor A = rows_contiguous(A_), slope_l = rows_contiguous(slope_l_),
+                   slope_u = rows_contiguous(slope_u_), v_neg = rows_contiguous(v_neg_);
+  const at::Tensor v_all = v_all_.has_value() ? rows_contiguous(*v_all_) : at::Tensor();
+  at::Tensor grad_A = at::empty({s.batch, s.rows, s.cols}, A.options());
+  at::Tensor grad_l = at::empty({s.batch, s.cols}, A.options());
+  at::Tensor grad_u = at::empty({s.batch, s.cols}, A.options());
+  at::Tensor grad_n = at::empty({s.batch, s.cols}, A.options());
+  at::Tensor grad_v = at::empty({s.batch, s.cols}, A.options());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "relu_lines_backward_cpu", [&] {
+    auto kernel =
+        v_all.defined() ? lines_backward<scalar_t, true> : lines_backward<scalar_t, false>;
+    kernel(
+        s, G.data_ptr<scalar_t>(), GB.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+        batch_stride(A), slope_l.data_ptr<scalar_t>(), batch_stride(slope_l),
+        slope_u.data_ptr<scalar_t>(), batch_stride(slope_u), v_neg.data_ptr<scalar_t>(),
+        batch_stride(v_neg), v_all.defined() ? v_all.data_ptr<scalar_t>() : nullptr,
+        v_all.defined() ? batch_stride(v_all) : 0, grad_A.data_ptr<scalar_t>(),
+        grad_l.data_ptr<scalar_t>(), grad_u.data_ptr<scalar_t>(), grad_n.data_ptr<scalar_t>(),
+        grad_v.data_ptr<scalar_t>());
+  });
+  return {grad_A, grad_l, grad_u, grad_n, grad_v};
+}
+
+void ibp_relu_cpu(const at::Tensor& c, const at::Tensor& r) {
+  TORCH_CHECK(c.device().is_cpu() && r.device().is_cpu(),
+              "torch_dlt::ibp_relu_: tensors must be on the CPU");
+  TORCH_CHECK(c.sizes() == r.sizes(), "torch_dlt::ibp_relu_: centre ", c.sizes(),
+              " and radius ", r.sizes(), " must have the same shape");
+  TORCH_CHECK(c.is_contiguous() && r.is_contiguous(),
+              "torch_dlt::ibp_relu_: centre and radius must be contiguous (they are written in "
+              "place)");
+  TORCH_CHECK(c.scalar_type() == r.scalar_type() &&
+                  (c.scalar_type() == at::kFloat || c.scalar_type() == at::kDouble),
+              "torch_dlt::ibp_relu_: centre and radius must both be float32 or float64");
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "ibp_relu_cpu", [&] {
+    scalar_t* __restrict cp = c.data_ptr<scalar_t>();
+    scalar_t* __restrict rp = r.data_ptr<scalar_t>();
+    at::parallel_for(0, c.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const scalar_t hi = cp[k] + rp[k], lo = cp[k] - rp[k];
+        const scalar_t upper = scalar_t(0.5) * (hi + std::abs(hi));  // relu, without a branch
+        const scalar_t lower = scalar_t(0.5) * (lo + std::abs(lo));
+        rp[k] = upper - lower;
+        cp[k] = lower + upper;
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_dlt, CPU, m) {
+  m.impl("relu_lines", &relu_lines_cpu);
+  m.impl("relu_lines_backward", &relu_lines_backward_cpu);
+  m.impl("ibp_relu_", &ibp_relu_cpu);
+}
+
+}  // namespace torch_dlt

@@ -1,0 +1,60 @@
+"""Fake kernels and the autograd formula of the certified-bound ops, registered from Python.
+
+``relu_lines`` is differentiable through the compiled ``relu_lines_backward`` (checked against
+the reference's autograd by ``gradcheck`` in the tests); ``ibp_relu_`` writes in place and is
+used without autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _relu_lines_fake(A: Tensor, slope_l, slope_u, v_neg, v_all):
+    return A.new_empty(A.shape), A.new_empty(A.shape[:2])
+
+
+def _relu_lines_backward_fake(grad_in, grad_bias, A, slope_l, slope_u, v_neg, v_all):
+    batch, _, units = A.shape
+    return (A.new_empty(A.shape), *(A.new_empty(batch, units) for _ in range(4)))
+
+
+def _ibp_relu_fake(c: Tensor, r: Tensor) -> None:
+    return None
+
+
+def _setup(ctx, inputs, output) -> None:
+    A, slope_l, slope_u, v_neg, v_all = inputs
+    ctx.save_for_backward(A, slope_l, slope_u, v_neg, v_all)
+    ctx.shapes = [None if t is None else t.shape for t in inputs]
+
+
+def _reduce(grad: Tensor, shape) -> Tensor:
+    """The per-example gradient [B, K] summed onto an input of batch 1 where it was shared."""
+    return grad.sum(0, keepdim=True) if shape[0] == 1 and grad.shape[0] != 1 else grad
+
+
+def _relu_lines_backward(ctx, grad_in: Tensor | None, grad_bias: Tensor | None):
+    A, slope_l, slope_u, v_neg, v_all = ctx.saved_tensors
+    if grad_in is None:
+        grad_in = A.new_zeros(A.shape)
+    if grad_bias is None:
+        grad_bias = A.new_zeros(A.shape[:2])
+    grads = torch.ops.torch_dlt.relu_lines_backward(
+        grad_in, grad_bias, A, slope_l, slope_u, v_neg, v_all
+    )
+    out = [grads[0]]
+    for grad, shape in zip(grads[1:], ctx.shapes[1:]):
+        out.append(None if shape is None else _reduce(grad, shape))
+    return tuple(out)
+
+
+def register() -> None:
+    """Attach the fake kernels and the autograd formula to the ops of the loaded ``_C``."""
+    torch.library.register_fake("torch_dlt::relu_lines")(_relu_lines_fake)
+    torch.library.register_fake("torch_dlt::relu_lines_backward")(_relu_lines_backward_fake)
+    torch.library.register_fake("torch_dlt::ibp_relu_")(_ibp_relu_fake)
+    torch.library.register_autograd(
+        "torch_dlt::relu_lines", _relu_lines_backward, setup_context=_setup
+    )
