@@ -14,7 +14,10 @@ pass and the speed-up over auto_LiRPA, as JSON.
 Targets: IBP <= 2.5x a forward; CROWN-IBP >= 2x and CROWN >= 5x faster than auto_LiRPA.
 The certified-training step is timed by benchmarks/certified_training.py.
 
-    OMP_NUM_THREADS=1 python benchmarks/certified.py [--quick]
+With ``--retain-freed-memory`` the process first calls ``torch_dlt.retain_freed_memory()``, so
+that glibc keeps freed memory for reuse (see benchmarks/certified_training.py).
+
+    OMP_NUM_THREADS=1 python benchmarks/certified.py [--quick] [--retain-freed-memory]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from _common import median_time, write_json
 from torch import nn
 
+from torch_dlt import retain_freed_memory
 from torch_dlt.data import digits, mnist
 from torch_dlt.nn import cnn_small
 from torch_dlt.robust.bounds import crown_bounds, interval_bounds, margin_matrix
@@ -50,10 +54,20 @@ def batch(size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     return x, y[:size], "digits upsampled to 28x28"
 
 
+def _name(quick: bool, retained: bool) -> str:
+    return ("certified_quick" if quick else "certified") + ("_retain" if retained else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 32, fewer repeats")
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="call torch_dlt.retain_freed_memory() first (glibc keeps freed memory for reuse)",
+    )
     args = parser.parse_args()
+    retained = args.retain_freed_memory and retain_freed_memory()
     torch.set_num_threads(1)
     size = 32 if args.quick else 256
     repeats = 3 if args.quick else 5
@@ -71,6 +85,7 @@ def main() -> None:
         "CROWN": lambda: crown_bounds(net, lower, upper, C=C),
     }
     results: dict = {"model": "CNN-small (Wong & Kolter 2018)", "batch": size, "eps": EPS}
+    results["retain_freed_memory"] = bool(retained)
     results["data"] = data
     with torch.no_grad():
         # glibc serves a freed size again from the heap only once a larger block has been freed
@@ -95,7 +110,7 @@ def main() -> None:
                 results[f"ours_{name}_s"] = median_time(fn, repeats=1, warmup=0)
                 results[f"ours_{name}_over_forward"] = results[f"ours_{name}_s"] / forward
         print(results)
-        print(write_json("certified_quick" if args.quick else "certified", results))
+        print(write_json(_name(args.quick, retained), results))
         return
     results["auto_LiRPA"] = getattr(auto_LiRPA, "__version__", "installed")
     # auto_LiRPA's method name and whether it computes the upper bound, per row of ``ours``
@@ -154,7 +169,7 @@ def main() -> None:
                 f" ours {results[f'speedup_{name}']:.2f}x faster"
             )
     net.eval()
-    print(write_json("certified_quick" if args.quick else "certified", results))
+    print(write_json(_name(args.quick, retained), results))
 
 
 if __name__ == "__main__":

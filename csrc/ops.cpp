@@ -44,6 +44,10 @@ TORCH_LIBRARY(torch_dlt, m) {
   m.def(
       "relu_lines(Tensor A, Tensor slope_l, Tensor slope_u, Tensor v_neg, Tensor? v_all) -> "
       "(Tensor A_in, Tensor bias)");
+  // The same with A_in written over A (contiguous); returns the bias. Not differentiable.
+  m.def(
+      "relu_lines_(Tensor(a!) A, Tensor slope_l, Tensor slope_u, Tensor v_neg, Tensor? v_all) "
+      "-> Tensor bias");
   // Its gradient with respect to A, slope_l, slope_u, v_neg and v_all (each [B, K], v_all's
   // summed by the caller where it was shared).
   m.def(

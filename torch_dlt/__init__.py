@@ -4,7 +4,8 @@ Initialisers, optimisers, probes and layers, each with the theory's prediction n
 measurement on the user's own model.
 """
 
-from torch_dlt import data, init, nn, ops, optim, probes, prune, report, robust, theory, vis
+from torch_dlt import data, init, nn, ops, optim, probes, prune, report, robust, theory, utils, vis
+from torch_dlt.utils import retain_freed_memory
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,8 @@ __all__ = [
     "prune",
     "report",
     "robust",
+    "retain_freed_memory",
     "theory",
+    "utils",
     "vis",
 ]

@@ -96,6 +96,32 @@ inline T forward_row(int64_t K, const T* __restrict a, const T* __restrict l,
   return total;
 }
 
+// forward_row writing A_in over the row itself.
+template <typename T, bool kAll>
+inline T forward_row_in_place(int64_t K, T* __restrict a, const T* __restrict l,
+                              const T* __restrict u, const T* __restrict n,
+                              const T* __restrict v) {
+  T acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const T x = a[k + j];
+      const T neg = negative_part(x);
+      a[k + j] = l[k + j] * x + (u[k + j] - l[k + j]) * neg;
+      acc[j] += kAll ? neg * n[k + j] + x * v[k + j] : neg * n[k + j];
+    }
+  }
+  T total = 0;
+  for (; k < K; ++k) {
+    const T x = a[k];
+    const T neg = negative_part(x);
+    a[k] = l[k] * x + (u[k] - l[k]) * neg;
+    total += kAll ? neg * n[k] + x * v[k] : neg * n[k];
+  }
+  for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
+  return total;
+}
+
 // Columns [k0, k1) of one row of the gradient: writes o, accumulates the four vector gradients.
 template <typename T, bool kAll>
 inline void backward_row(int64_t k0, int64_t k1, T h, const T* __restrict a,
@@ -117,8 +143,9 @@ inline void backward_row(int64_t k0, int64_t k1, T h, const T* __restrict a,
   }
 }
 
+// out == nullptr: A_in is written over A (whose batch stride is then m K).
 template <typename T, bool kAll>
-void lines_forward(const Lines& s, const T* A, int64_t sa, const T* sl, int64_t ssl, const T* su,
+void lines_forward(const Lines& s, T* A, int64_t sa, const T* sl, int64_t ssl, const T* su,
                    int64_t ssu, const T* vn, int64_t svn, const T* va, int64_t sva, T* out,
                    T* bias) {
   const int64_t K = s.cols;
@@ -126,8 +153,12 @@ void lines_forward(const Lines& s, const T* A, int64_t sa, const T* sl, int64_t 
                    [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / s.rows, i = row % s.rows;
-      bias[row] = forward_row<T, kAll>(K, A + b * sa + i * K, sl + b * ssl, su + b * ssu,
-                                       vn + b * svn, kAll ? va + b * sva : nullptr, out + row * K);
+      const T* v = kAll ? va + b * sva : nullptr;
+      bias[row] = out == nullptr
+                      ? forward_row_in_place<T, kAll>(K, A + b * sa + i * K, sl + b * ssl,
+                                                      su + b * ssu, vn + b * svn, v)
+                      : forward_row<T, kAll>(K, A + b * sa + i * K, sl + b * ssl, su + b * ssu,
+                                             vn + b * svn, v, out + row * K);
     }
   });
 }
@@ -176,7 +207,8 @@ std::tuple<at::Tensor, at::Tensor> relu_lines_cpu(const at::Tensor& A_, const at
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "relu_lines_cpu", [&] {
     auto kernel = v_all.defined() ? lines_forward<scalar_t, true> : lines_forward<scalar_t, false>;
     kernel(
-        s, A.data_ptr<scalar_t>(), batch_stride(A), slope_l.data_ptr<scalar_t>(),
+        s, const_cast<scalar_t*>(A.const_data_ptr<scalar_t>()), batch_stride(A),
+        slope_l.data_ptr<scalar_t>(),
         batch_stride(slope_l), slope_u.data_ptr<scalar_t>(), batch_stride(slope_u),
         v_neg.data_ptr<scalar_t>(), batch_stride(v_neg),
         v_all.defined() ? v_all.data_ptr<scalar_t>() : nullptr,
@@ -184,6 +216,27 @@ std::tuple<at::Tensor, at::Tensor> relu_lines_cpu(const at::Tensor& A_, const at
         bias.data_ptr<scalar_t>());
   });
   return {out, bias};
+}
+
+at::Tensor relu_lines_in_place_cpu(const at::Tensor& A, const at::Tensor& slope_l_,
+                                   const at::Tensor& slope_u_, const at::Tensor& v_neg_,
+                                   const c10::optional<at::Tensor>& v_all_) {
+  const Lines s = check_lines("relu_lines_", A, slope_l_, slope_u_, v_neg_, v_all_);
+  TORCH_CHECK(A.is_contiguous(), "torch_dlt::relu_lines_: A must be contiguous (it is written "
+              "in place)");
+  const at::Tensor slope_l = rows_contiguous(slope_l_), slope_u = rows_contiguous(slope_u_),
+                   v_neg = rows_contiguous(v_neg_);
+  const at::Tensor v_all = v_all_.has_value() ? rows_contiguous(*v_all_) : at::Tensor();
+  at::Tensor bias = at::empty({s.batch, s.rows}, A.options());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "relu_lines_in_place_cpu", [&] {
+    auto kernel = v_all.defined() ? lines_forward<scalar_t, true> : lines_forward<scalar_t, false>;
+    kernel(s, A.data_ptr<scalar_t>(), s.rows * s.cols, slope_l.data_ptr<scalar_t>(),
+           batch_stride(slope_l), slope_u.data_ptr<scalar_t>(), batch_stride(slope_u),
+           v_neg.data_ptr<scalar_t>(), batch_stride(v_neg),
+           v_all.defined() ? v_all.data_ptr<scalar_t>() : nullptr,
+           v_all.defined() ? batch_stride(v_all) : 0, nullptr, bias.data_ptr<scalar_t>());
+  });
+  return bias;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_lines_backward_cpu(
@@ -254,6 +307,7 @@ void ibp_relu_cpu(const at::Tensor& c, const at::Tensor& r) {
 
 TORCH_LIBRARY_IMPL(torch_dlt, CPU, m) {
   m.impl("relu_lines", &relu_lines_cpu);
+  m.impl("relu_lines_", &relu_lines_in_place_cpu);
   m.impl("relu_lines_backward", &relu_lines_backward_cpu);
   m.impl("ibp_relu_", &ibp_relu_cpu);
 }

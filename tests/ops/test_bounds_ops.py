@@ -56,6 +56,21 @@ def test_relu_lines_matches_definition(dtype, v_all):
         assert_close(g, r, **TOL[dtype])
 
 
+@pytest.mark.parametrize("v_all", ["none", "batch", "shared"])
+def test_relu_lines_in_place(v_all):
+    """relu_lines_ writes A_in over A and returns the bias (compiled, or the reference)."""
+    inputs = _lines_inputs(v_all=v_all)
+    A_in, bias = _plain(*inputs)
+    A = inputs[0].clone()
+    assert_close(ops.relu_lines_(A, *inputs[1:]), bias, **TOL[torch.float64])
+    assert_close(A, A_in, **TOL[torch.float64])
+    if COMPILED:
+        A = inputs[0].clone()
+        got = torch.ops.torch_dlt.relu_lines_(A, *inputs[1:])
+        assert_close(got, bias, **TOL[torch.float64])
+        assert_close(A, A_in, **TOL[torch.float64])
+
+
 @needs_ops
 @pytest.mark.parametrize("v_all", ["none", "batch", "shared"])
 def test_relu_lines_gradients_match_autograd(v_all):
@@ -110,6 +125,9 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.torch_dlt.relu_lines_backward.default,
         (*grads, A, slope_l, slope_u, v_neg, None),
+    )
+    torch.library.opcheck(
+        torch.ops.torch_dlt.relu_lines_.default, (A.clone(), slope_l, slope_u, v_neg, v_all)
     )
     c, r = torch.randn(5, 7), torch.rand(5, 7)
     torch.library.opcheck(torch.ops.torch_dlt.ibp_relu_.default, (c, r))

@@ -146,6 +146,7 @@ from torch_dlt.ops.bounds import (  # noqa: E402  (needs has_ops above)
     has_bounds_ops,
     ibp_relu_,
     relu_lines,
+    relu_lines_,
 )
 
-__all__ += ["has_bounds_ops", "ibp_relu_", "relu_lines"]
+__all__ += ["has_bounds_ops", "ibp_relu_", "relu_lines", "relu_lines_"]

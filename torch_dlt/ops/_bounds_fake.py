@@ -15,6 +15,10 @@ def _relu_lines_fake(A: Tensor, slope_l, slope_u, v_neg, v_all):
     return A.new_empty(A.shape), A.new_empty(A.shape[:2])
 
 
+def _relu_lines_in_place_fake(A: Tensor, slope_l, slope_u, v_neg, v_all):
+    return A.new_empty(A.shape[:2])
+
+
 def _relu_lines_backward_fake(grad_in, grad_bias, A, slope_l, slope_u, v_neg, v_all):
     batch, _, units = A.shape
     return (A.new_empty(A.shape), *(A.new_empty(batch, units) for _ in range(4)))
@@ -53,6 +57,7 @@ def _relu_lines_backward(ctx, grad_in: Tensor | None, grad_bias: Tensor | None):
 def register() -> None:
     """Attach the fake kernels and the autograd formula to the ops of the loaded ``_C``."""
     torch.library.register_fake("torch_dlt::relu_lines")(_relu_lines_fake)
+    torch.library.register_fake("torch_dlt::relu_lines_")(_relu_lines_in_place_fake)
     torch.library.register_fake("torch_dlt::relu_lines_backward")(_relu_lines_backward_fake)
     torch.library.register_fake("torch_dlt::ibp_relu_")(_ibp_relu_fake)
     torch.library.register_autograd(

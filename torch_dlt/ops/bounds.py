@@ -15,7 +15,7 @@ from torch import Tensor
 
 from torch_dlt.ops import has_ops
 
-__all__ = ["has_bounds_ops", "ibp_relu_", "relu_lines", "relu_lines_reference"]
+__all__ = ["has_bounds_ops", "ibp_relu_", "relu_lines", "relu_lines_", "relu_lines_reference"]
 
 
 def has_bounds_ops(x: Tensor | None = None) -> bool:
@@ -91,6 +91,28 @@ def relu_lines(
     if has_bounds_ops(A):
         return tuple(torch.ops.torch_dlt.relu_lines(A, slope_l, slope_u, v_neg, v_all))
     return relu_lines_reference(A, slope_l, slope_u, v_neg, v_all)
+
+
+def relu_lines_(
+    A: Tensor, slope_l: Tensor, slope_u: Tensor, v_neg: Tensor, v_all: Tensor | None = None
+) -> Tensor:
+    """:func:`relu_lines` with ``A_in`` written over ``A``; returns the bias [B, m].
+
+    For bounds computed without autograd: no second A-sized tensor is made.
+
+    Example:
+        >>> A = torch.tensor([[[1.0, -2.0]]])
+        >>> relu_lines_(A, torch.zeros(1, 2), torch.full((1, 2), 0.5), torch.ones(1, 2))
+        tensor([[-2.]])
+        >>> A
+        tensor([[[ 0., -1.]]])
+    """
+    _check(A, {"slope_l": slope_l, "slope_u": slope_u, "v_neg": v_neg, "v_all": v_all})
+    if has_bounds_ops(A) and A.is_contiguous():
+        return torch.ops.torch_dlt.relu_lines_(A, slope_l, slope_u, v_neg, v_all)
+    A_in, bias = relu_lines_reference(A, slope_l, slope_u, v_neg, v_all)
+    A.copy_(A_in)
+    return bias
 
 
 def ibp_relu_(c: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:

@@ -657,7 +657,10 @@ def _relu_backward(
     slopes = (slope_l_flat.unsqueeze(1), slope_u_flat.unsqueeze(1))
     if same:
         slopes = (slopes[1], slopes[1])
-    if owned:
+    if owned and _ops.has_bounds_ops(A_flat) and A_flat.is_contiguous():
+        A_in = A_flat
+        bias = _ops.relu_lines_(A_flat, slopes[0].squeeze(1), slopes[1].squeeze(1), v_neg, v_all)
+    elif owned:
         A_in = A_flat
         bias = _relu_lines(A_flat, *slopes, v_neg, v_all, A_in)
     elif _ops.has_bounds_ops(A_flat):
