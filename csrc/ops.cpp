@@ -57,4 +57,8 @@ TORCH_LIBRARY(torch_dlt, m) {
   // Interval bound propagation through a ReLU in place: the box centre c, radius r becomes
   // (u + l, u - l) with u = relu(c + r), l = relu(c - r), i.e. twice the new centre and radius.
   m.def("ibp_relu_(Tensor(a!) c, Tensor(b!) r) -> ()");
+  // conv2d(A, taps, padding=(th - 1, tw - 1)) for A [N, C, h, w] and taps [P, C, th, tw] with few
+  // outputs P, and its gradient (grad [N, P, h + th - 1, w + tw - 1] -> grad_A, grad_taps).
+  m.def("phase_conv(Tensor A, Tensor taps) -> Tensor");
+  m.def("phase_conv_backward(Tensor grad, Tensor A, Tensor taps) -> (Tensor grad_A, Tensor grad_taps)");
 }

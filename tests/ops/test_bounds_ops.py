@@ -156,6 +156,60 @@ def test_ibp_relu_kernel_matches_reference():
     assert torch.equal(kernel[0], upper + lower) and torch.equal(kernel[1], upper - lower)
 
 
+PHASE_CASES = [  # (N, C, h, w, P, th, tw): the CNN-small's first layer, odd sizes, many outputs
+    (5, 16, 14, 14, 4, 2, 2),
+    (3, 8, 7, 6, 3, 3, 2),
+    (2, 5, 4, 4, 2, 2, 3),
+    (4, 32, 7, 7, 9, 2, 2),
+    (2, 24, 5, 5, 20, 1, 1),
+    (3, 24, 6, 5, 3, 2, 2),
+    (2, 32, 3, 4, 1, 3, 3),
+]
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", PHASE_CASES)
+def test_phase_conv_matches_conv2d(dtype, case):
+    n, c, h, w, p, th, tw = case
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(dtype)
+    A = A.contiguous(memory_format=torch.channels_last)
+    taps = torch.randn(p, c, th, tw, generator=g, dtype=torch.float64).to(dtype)
+    out = torch.ops.torch_dlt.phase_conv(A, taps)
+    want = torch.nn.functional.conv2d(A.double(), taps.double(), padding=(th - 1, tw - 1))
+    assert out.dtype == dtype and out.shape == want.shape
+    assert_close(out.double(), want, **TOL[dtype])
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    leaves = (A.double().requires_grad_(), taps.double().requires_grad_())
+    torch.nn.functional.conv2d(*leaves, padding=(th - 1, tw - 1)).backward(grad)
+    grad_A, grad_taps = torch.ops.torch_dlt.phase_conv_backward(grad.to(dtype), A, taps)
+    assert_close(grad_A.double(), leaves[0].grad, **TOL[dtype])
+    assert_close(grad_taps.double(), leaves[1].grad, rtol=1e-4 if dtype == torch.float32 else 1e-10,
+                 atol=1e-4 if dtype == torch.float32 else 1e-10)  # fmt: skip
+    # an NCHW-contiguous A gives the same
+    assert_close(torch.ops.torch_dlt.phase_conv(A.contiguous(), taps), out)
+
+
+@needs_ops
+def test_phase_conv_gradcheck_and_opcheck():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(2, 8, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    taps = torch.randn(3, 8, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.torch_dlt.phase_conv, (A, taps))
+    torch.library.opcheck(torch.ops.torch_dlt.phase_conv.default, (A, taps))
+    with pytest.raises(RuntimeError, match="A has 8 channels, taps 3"):
+        torch.ops.torch_dlt.phase_conv(A.detach(), taps.detach()[:, :3])
+
+
+def test_phase_conv_wrapper():
+    A, taps = torch.randn(2, 8, 5, 5), torch.randn(4, 8, 2, 2)
+    want = torch.nn.functional.conv2d(A, taps, padding=1)
+    assert_close(ops.phase_conv(A, taps), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"taps \[P, C, th, tw\] with the same C"):
+        ops.phase_conv(A, taps[:, :3])
+
+
 def test_relu_lines_bad_input():
     A, slope_l, slope_u, v_neg, _ = _lines_inputs()
     with pytest.raises(ValueError, match=r"slope_u must be a Tensor \[B or 1, K\]"):

@@ -54,6 +54,27 @@ def _relu_lines_backward(ctx, grad_in: Tensor | None, grad_bias: Tensor | None):
     return tuple(out)
 
 
+def _phase_conv_fake(A: Tensor, taps: Tensor):
+    n, _, h, w = A.shape
+    p, _, th, tw = taps.shape
+    out = A.new_empty(n, h + th - 1, w + tw - 1, p)
+    return out.permute(0, 3, 1, 2)
+
+
+def _phase_conv_backward_fake(grad: Tensor, A: Tensor, taps: Tensor):
+    n, c, h, w = A.shape
+    return A.new_empty(n, h, w, c).permute(0, 3, 1, 2), taps.new_empty(taps.shape)
+
+
+def _phase_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _phase_conv_backward(ctx, grad: Tensor):
+    A, taps = ctx.saved_tensors
+    return tuple(torch.ops.torch_dlt.phase_conv_backward(grad, A, taps))
+
+
 def register() -> None:
     """Attach the fake kernels and the autograd formula to the ops of the loaded ``_C``."""
     torch.library.register_fake("torch_dlt::relu_lines")(_relu_lines_fake)
@@ -63,3 +84,9 @@ def register() -> None:
     torch.library.register_autograd(
         "torch_dlt::relu_lines", _relu_lines_backward, setup_context=_setup
     )
+    if hasattr(torch.ops.torch_dlt, "phase_conv"):
+        torch.library.register_fake("torch_dlt::phase_conv")(_phase_conv_fake)
+        torch.library.register_fake("torch_dlt::phase_conv_backward")(_phase_conv_backward_fake)
+        torch.library.register_autograd(
+            "torch_dlt::phase_conv", _phase_conv_backward, setup_context=_phase_setup
+        )

@@ -11,11 +11,19 @@ the compiled library, the pure-torch reference below runs (it is also the tests'
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from torch_dlt.ops import has_ops
 
-__all__ = ["has_bounds_ops", "ibp_relu_", "relu_lines", "relu_lines_", "relu_lines_reference"]
+__all__ = [
+    "has_bounds_ops",
+    "ibp_relu_",
+    "phase_conv",
+    "relu_lines",
+    "relu_lines_",
+    "relu_lines_reference",
+]
 
 
 def has_bounds_ops(x: Tensor | None = None) -> bool:
@@ -113,6 +121,30 @@ def relu_lines_(
     A_in, bias = relu_lines_reference(A, slope_l, slope_u, v_neg, v_all)
     A.copy_(A_in)
     return bias
+
+
+def phase_conv(A: Tensor, taps: Tensor) -> Tensor:
+    """``conv2d(A, taps, padding=(th - 1, tw - 1))`` for a kernel with few outputs, differentiable.
+
+    CROWN's backward pass through a strided input convolution is this correlation of the
+    A-matrices ``[N, C, h, w]`` (N = batch x specification rows) with the stride-phase kernel
+    ``taps [P, C, th, tw]`` (P = stride^2 x input channels, e.g. 4). The compiled CPU kernel forms
+    each output pixel's P sums in registers, about twice as fast as the library convolution for
+    such shapes; elsewhere ``torch.nn.functional.conv2d`` runs. The result is channels-last.
+
+    Example:
+        >>> A, taps = torch.randn(3, 8, 5, 5), torch.randn(4, 8, 2, 2)
+        >>> torch.allclose(phase_conv(A, taps), F.conv2d(A, taps, padding=1), atol=1e-5)
+        True
+    """
+    if A.dim() != 4 or taps.dim() != 4 or A.shape[1] != taps.shape[1]:
+        raise ValueError(
+            f"phase_conv: A must be [N, C, h, w] and taps [P, C, th, tw] with the same C, got "
+            f"{tuple(A.shape)} and {tuple(taps.shape)}"
+        )
+    if has_bounds_ops(A) and hasattr(torch.ops.torch_dlt, "phase_conv") and A.dtype == taps.dtype:
+        return torch.ops.torch_dlt.phase_conv(A, taps)
+    return F.conv2d(A, taps, padding=(taps.shape[2] - 1, taps.shape[3] - 1))
 
 
 def ibp_relu_(c: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:

@@ -821,7 +821,7 @@ def _phases(A: Tensor, weight: Tensor, stride) -> Tensor:
     """The stride phases [N, s_h s_w C_in, rows, cols] of ``conv_transpose2d`` of A, unpadded:
     output row ``y`` is row ``(y + pad) // s_h`` of phase ``(y + pad) % s_h``."""
     taps = _phase_taps(weight, stride)
-    return F.conv2d(A, taps, padding=(taps.shape[2] - 1, taps.shape[3] - 1))
+    return _ops.phase_conv(A, taps)
 
 
 def _phase_frame(x: Tensor, stride, padding, rows: int, cols: int) -> Tensor:
