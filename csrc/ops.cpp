@@ -61,4 +61,17 @@ TORCH_LIBRARY(torch_dlt, m) {
   // outputs P, and its gradient (grad [N, P, h + th - 1, w + tw - 1] -> grad_A, grad_taps).
   m.def("phase_conv(Tensor A, Tensor taps) -> Tensor");
   m.def("phase_conv_backward(Tensor grad, Tensor A, Tensor taps) -> (Tensor grad_A, Tensor grad_taps)");
+  // The last two steps of CROWN's backward pass when a ReLU sits on a strided input convolution:
+  // for A [B, m, K = h w C] (units channels-last), lower = relu_lines bias + the box's minimum of
+  // phase_conv(relu_lines(A), taps) against the box frames [B, rows cols P]; returns the lower
+  // bound [B, m] and the phases [B, m, rows cols P] (kept for the gradient).
+  m.def(
+      "relu_phase_lower(Tensor A, Tensor slope_l, Tensor slope_u, Tensor v_neg, Tensor? v_all, "
+      "Tensor taps, Tensor c_frame, Tensor r_frame, int h, int w) -> (Tensor lower, Tensor phases)");
+  // Its gradient: A, slope_l, slope_u, v_neg, v_all ([B, K], the caller sums a shared one),
+  // taps, c_frame, r_frame.
+  m.def(
+      "relu_phase_lower_backward(Tensor grad, Tensor A, Tensor slope_l, Tensor slope_u, "
+      "Tensor v_neg, Tensor? v_all, Tensor taps, Tensor c_frame, Tensor r_frame, Tensor phases, "
+      "int h, int w) -> Tensor[]");
 }

@@ -15,6 +15,8 @@
 #include <tuple>
 #include <vector>
 
+#include "bounds.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define TORCH_DLT_X86 1
@@ -176,74 +178,68 @@ __attribute__((target("avx2,fma"))) void forward_avx2(const PhaseShape& s, const
   }
 }
 
-// grad_A: each input pixel's C values from its th x tw x P gradients (gathered first), CB blocks
-// of 8 channels, two independent sums per block (one chain of dependent FMAs would wait on each
-// one's latency).
-template <int CB>
-__attribute__((target("avx2,fma"))) void backward_input_avx2(const PhaseShape& s,
-                                                             const float* G, const float* W,
-                                                             float* gA, int64_t n0, int64_t n1) {
+// The th x tw x P output gradients that input pixel (yy, xx) of example n feeds, gathered once
+// per example in (i, j, p) order, as rows of gv [h w, taps]: both gradients read them in order.
+__attribute__((target("avx2,fma"))) void gather_windows(const PhaseShape& s, const float* G,
+                                                        int64_t n, float* gv) {
   const int64_t taps = s.th * s.tw * s.p;
-  std::vector<float> gathered(taps + 1, 0.0f);  // + 1: an even count, the last one zero
-  float* gv = gathered.data();
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t yy = 0; yy < s.h; ++yy) {
-      for (int64_t xx = 0; xx < s.w; ++xx) {
-        int64_t t = 0;
-        for (int64_t i = 0; i < s.th; ++i) {
-          for (int64_t j = 0; j < s.tw; ++j) {
-            const float* g =
-                G + ((n * s.rows + yy + (s.th - 1) - i) * s.cols + xx + (s.tw - 1) - j) * s.p;
-            for (int64_t p = 0; p < s.p; ++p) gv[t++] = g[p];
-          }
+  for (int64_t yy = 0; yy < s.h; ++yy) {
+    for (int64_t xx = 0; xx < s.w; ++xx) {
+      float* o = gv + (yy * s.w + xx) * taps;
+      for (int64_t i = 0; i < s.th; ++i) {
+        for (int64_t j = 0; j < s.tw; ++j) {
+          const float* g =
+              G + ((n * s.rows + yy + (s.th - 1) - i) * s.cols + xx + (s.tw - 1) - j) * s.p;
+          for (int64_t p = 0; p < s.p; ++p) *o++ = g[p];
         }
-        float* ga = gA + ((n * s.h + yy) * s.w + xx) * s.c;
-        __m256 even[CB], odd[CB];
-        for (int b = 0; b < CB; ++b) even[b] = odd[b] = _mm256_setzero_ps();
-        for (int64_t k = 0; k + 1 < taps; k += 2) {
-          const __m256 g0 = _mm256_broadcast_ss(gv + k), g1 = _mm256_broadcast_ss(gv + k + 1);
-          const float* w0 = W + k * s.c;
-          for (int b = 0; b < CB; ++b) {
-            even[b] = _mm256_fmadd_ps(g0, _mm256_loadu_ps(w0 + 8 * b), even[b]);
-            odd[b] = _mm256_fmadd_ps(g1, _mm256_loadu_ps(w0 + s.c + 8 * b), odd[b]);
-          }
-        }
-        if (taps % 2) {
-          const __m256 g0 = _mm256_broadcast_ss(gv + taps - 1);
-          const float* w0 = W + (taps - 1) * s.c;
-          for (int b = 0; b < CB; ++b)
-            even[b] = _mm256_fmadd_ps(g0, _mm256_loadu_ps(w0 + 8 * b), even[b]);
-        }
-        for (int b = 0; b < CB; ++b) _mm256_storeu_ps(ga + 8 * b, _mm256_add_ps(even[b], odd[b]));
       }
     }
   }
 }
 
-// grad_W for 8 channels [c, c + 8) and TAPS = th tw P taps, accumulated in registers.
-template <int TAPS>
-__attribute__((target("avx2,fma"))) void backward_weight_block(const PhaseShape& s,
-                                                               const float* G, const float* A,
-                                                               float* gW, int64_t c, int64_t n0,
-                                                               int64_t n1) {
-  __m256 acc[TAPS];
-  for (int t = 0; t < TAPS; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t yy = 0; yy < s.h; ++yy) {
-      for (int64_t xx = 0; xx < s.w; ++xx) {
-        const __m256 av = _mm256_loadu_ps(A + ((n * s.h + yy) * s.w + xx) * s.c + c);
-        int t = 0;
-        for (int64_t i = 0; i < s.th; ++i) {
-          const int64_t y = yy + (s.th - 1) - i;
-          for (int64_t j = 0; j < s.tw; ++j) {
-            const int64_t x = xx + (s.tw - 1) - j;
-            const float* g = G + ((n * s.rows + y) * s.cols + x) * s.p;
-            for (int64_t p = 0; p < s.p; ++p, ++t)
-              acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(g + p), av, acc[t]);
-          }
-        }
+// grad_A of example n: each pixel's CB blocks of 8 channels, two independent sums per block (one
+// chain of dependent FMAs would wait on each one's latency).
+template <int CB>
+__attribute__((target("avx2,fma"))) void backward_input_avx2(const PhaseShape& s,
+                                                             const float* gv, const float* W,
+                                                             float* gA, int64_t n) {
+  const int64_t taps = s.th * s.tw * s.p;
+  for (int64_t pix = 0; pix < s.h * s.w; ++pix) {
+    const float* g = gv + pix * taps;
+    float* ga = gA + (n * s.h * s.w + pix) * s.c;
+    __m256 even[CB], odd[CB];
+    for (int b = 0; b < CB; ++b) even[b] = odd[b] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 1 < taps; k += 2) {
+      const __m256 g0 = _mm256_broadcast_ss(g + k), g1 = _mm256_broadcast_ss(g + k + 1);
+      const float* w0 = W + k * s.c;
+      for (int b = 0; b < CB; ++b) {
+        even[b] = _mm256_fmadd_ps(g0, _mm256_loadu_ps(w0 + 8 * b), even[b]);
+        odd[b] = _mm256_fmadd_ps(g1, _mm256_loadu_ps(w0 + s.c + 8 * b), odd[b]);
       }
     }
+    if (k < taps) {
+      const __m256 g0 = _mm256_broadcast_ss(g + k);
+      for (int b = 0; b < CB; ++b)
+        even[b] = _mm256_fmadd_ps(g0, _mm256_loadu_ps(W + k * s.c + 8 * b), even[b]);
+    }
+    for (int b = 0; b < CB; ++b) _mm256_storeu_ps(ga + 8 * b, _mm256_add_ps(even[b], odd[b]));
+  }
+}
+
+// grad_W of example n for 8 channels [c, c + 8) and all TAPS taps, accumulated in registers.
+template <int TAPS>
+__attribute__((target("avx2,fma"))) void backward_weight_block(const PhaseShape& s,
+                                                               const float* gv, const float* A,
+                                                               float* gW, int64_t c, int64_t n) {
+  __m256 acc[TAPS];
+  for (int t = 0; t < TAPS; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t pix = 0; pix < s.h * s.w; ++pix) {
+    const __m256 av = _mm256_loadu_ps(A + (n * s.h * s.w + pix) * s.c + c);
+    const float* g = gv + pix * TAPS;
+#pragma GCC unroll 16
+    for (int k = 0; k < TAPS; ++k)
+      acc[k] = _mm256_fmadd_ps(_mm256_broadcast_ss(g + k), av, acc[k]);
   }
   for (int t = 0; t < TAPS; ++t) {
     float* gw = gW + t * s.c + c;  // taps ordered (i, j, p), like W
@@ -257,26 +253,31 @@ constexpr int64_t kMaxTaps = 16;
 __attribute__((target("avx2,fma"))) void backward_avx2(const PhaseShape& s, const float* G,
                                                        const float* A, const float* W, float* gA,
                                                        float* gW, int64_t n0, int64_t n1) {
-  switch (s.c / 8) {
-    case 1: backward_input_avx2<1>(s, G, W, gA, n0, n1); break;
-    case 2: backward_input_avx2<2>(s, G, W, gA, n0, n1); break;
-    case 3: backward_input_avx2<3>(s, G, W, gA, n0, n1); break;
-    default: backward_input_avx2<4>(s, G, W, gA, n0, n1); break;
-  }
   const int64_t taps = s.th * s.tw * s.p;
-  for (int64_t c = 0; c < s.c; c += 8) {
-    switch (taps) {
+  std::vector<float> gathered(s.h * s.w * taps);
+  float* gv = gathered.data();
+  for (int64_t n = n0; n < n1; ++n) {
+    gather_windows(s, G, n, gv);
+    switch (s.c / 8) {
+      case 1: backward_input_avx2<1>(s, gv, W, gA, n); break;
+      case 2: backward_input_avx2<2>(s, gv, W, gA, n); break;
+      case 3: backward_input_avx2<3>(s, gv, W, gA, n); break;
+      default: backward_input_avx2<4>(s, gv, W, gA, n); break;
+    }
+    for (int64_t c = 0; c < s.c; c += 8) {
+      switch (taps) {
 #define TORCH_DLT_TAPS(K) \
   case K:                 \
-    backward_weight_block<K>(s, G, A, gW, c, n0, n1); \
+    backward_weight_block<K>(s, gv, A, gW, c, n); \
     break;
-      TORCH_DLT_TAPS(1) TORCH_DLT_TAPS(2) TORCH_DLT_TAPS(3) TORCH_DLT_TAPS(4) TORCH_DLT_TAPS(5)
-      TORCH_DLT_TAPS(6) TORCH_DLT_TAPS(7) TORCH_DLT_TAPS(8) TORCH_DLT_TAPS(9) TORCH_DLT_TAPS(10)
-      TORCH_DLT_TAPS(11) TORCH_DLT_TAPS(12) TORCH_DLT_TAPS(13) TORCH_DLT_TAPS(14)
-      TORCH_DLT_TAPS(15) TORCH_DLT_TAPS(16)
+        TORCH_DLT_TAPS(1) TORCH_DLT_TAPS(2) TORCH_DLT_TAPS(3) TORCH_DLT_TAPS(4) TORCH_DLT_TAPS(5)
+        TORCH_DLT_TAPS(6) TORCH_DLT_TAPS(7) TORCH_DLT_TAPS(8) TORCH_DLT_TAPS(9)
+        TORCH_DLT_TAPS(10) TORCH_DLT_TAPS(11) TORCH_DLT_TAPS(12) TORCH_DLT_TAPS(13)
+        TORCH_DLT_TAPS(14) TORCH_DLT_TAPS(15) TORCH_DLT_TAPS(16)
 #undef TORCH_DLT_TAPS
-      default:
-        break;
+        default:
+          break;
+      }
     }
   }
 }
@@ -383,11 +384,219 @@ std::tuple<at::Tensor, at::Tensor> phase_conv_backward_cpu(const at::Tensor& gra
   return {grad_A.permute({0, 3, 1, 2}), grad_taps};
 }
 
+// ---------------------------------------------------------------- the fused input-layer bound
+//
+// relu_phase_lower: the last two steps of CROWN's backward pass when a ReLU sits on a strided
+// input convolution. Per row n = (b, i) of A [B, m, K = h w C] (channels-last units):
+//   A_in  = relu_lines(A)                       (a row buffer, never written to memory)
+//   ph    = phase_conv(A_in, taps)              [rows cols P]  (returned for the gradient)
+//   lower = bias(A) + sum(c_frame ph - r_frame |ph|)
+// One read of A where the unfused steps write and read A_in and the phases again; the gradient
+// likewise recomputes A_in in the buffer and writes only grad_A.
+
+struct Fused {
+  PhaseShape s;  // n = 1: one row
+  int64_t batch, rows_m, K, R;
+};
+
+Fused check_fused(const at::Tensor& A, const at::Tensor& taps, const at::Tensor& c_frame,
+                  const at::Tensor& r_frame, int64_t h, int64_t w) {
+  TORCH_CHECK(A.dim() == 3 && taps.dim() == 4, "torch_dlt::relu_phase_lower: A must be [B, m, K] "
+              "and taps [P, C, th, tw], got ", A.sizes(), " and ", taps.sizes());
+  Fused f;
+  f.s = PhaseShape{1, taps.size(1), h, w, taps.size(0), taps.size(2), taps.size(3), 0, 0};
+  f.s.rows = h + f.s.th - 1;
+  f.s.cols = w + f.s.tw - 1;
+  f.batch = A.size(0);
+  f.rows_m = A.size(1);
+  f.K = A.size(2);
+  f.R = f.s.rows * f.s.cols * f.s.p;
+  TORCH_CHECK(f.K == h * w * f.s.c, "torch_dlt::relu_phase_lower: A's rows have ", f.K,
+              " units, not h w C = ", h * w * f.s.c);
+  for (const at::Tensor* t : {&c_frame, &r_frame}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == f.batch && t->size(1) == f.R,
+                "torch_dlt::relu_phase_lower: the box frames must be [B, rows cols P] = [", f.batch,
+                ", ", f.R, "], got ", t->sizes());
+  }
+  return f;
+}
+
+template <typename T>
+void phase_row_forward(const PhaseShape& s, const T* buf, const T* W, T* ph) {
+#ifdef TORCH_DLT_X86
+  if (use_avx2<T>(s)) {
+    forward_avx2(s, reinterpret_cast<const float*>(buf), reinterpret_cast<const float*>(W),
+                 reinterpret_cast<float*>(ph), 0, 1);
+    return;
+  }
+#endif
+  forward_plain<T>(s, buf, W, ph, 0, 1);
+}
+
+template <typename T>
+void phase_row_backward(const PhaseShape& s, const T* gph, const T* buf, const T* W, T* gbuf,
+                        T* gW) {
+#ifdef TORCH_DLT_X86
+  if (use_avx2<T>(s) && backward_fits(s)) {
+    backward_avx2(s, reinterpret_cast<const float*>(gph), reinterpret_cast<const float*>(buf),
+                  reinterpret_cast<const float*>(W), reinterpret_cast<float*>(gbuf),
+                  reinterpret_cast<float*>(gW), 0, 1);
+    return;
+  }
+#endif
+  backward_plain<T>(s, gph, buf, W, gbuf, gW, 0, 1);
+}
+
+template <typename T, bool kAll>
+void fused_forward(const Fused& f, const T* A, int64_t sa, const T* sl, int64_t ssl, const T* su,
+                   int64_t ssu, const T* vn, int64_t svn, const T* va, int64_t sva, const T* W,
+                   const T* cf, const T* rf, T* lower, T* phases) {
+  at::parallel_for(0, f.batch, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> buf(f.K);
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* c = cf + b * f.R;
+      const T* r = rf + b * f.R;
+      for (int64_t i = 0; i < f.rows_m; ++i) {
+        const int64_t n = b * f.rows_m + i;
+        const T bias = bounds_rows::forward_row<T, kAll>(
+            f.K, A + b * sa + i * f.K, sl + b * ssl, su + b * ssu, vn + b * svn,
+            kAll ? va + b * sva : nullptr, buf.data());
+        T* ph = phases + n * f.R;
+        phase_row_forward<T>(f.s, buf.data(), W, ph);
+        T acc[bounds_rows::kLanes] = {};
+        int64_t k = 0;
+        for (; k + bounds_rows::kLanes <= f.R; k += bounds_rows::kLanes)
+          for (int64_t j = 0; j < bounds_rows::kLanes; ++j)
+            acc[j] += c[k + j] * ph[k + j] - r[k + j] * std::abs(ph[k + j]);
+        T total = bias;
+        for (; k < f.R; ++k) total += c[k] * ph[k] - r[k] * std::abs(ph[k]);
+        for (int64_t j = 0; j < bounds_rows::kLanes; ++j) total += acc[j];
+        lower[n] = total;
+      }
+    }
+  });
+}
+
+template <typename T, bool kAll>
+void fused_backward(const Fused& f, const T* G, const T* A, int64_t sa, const T* sl, int64_t ssl,
+                    const T* su, int64_t ssu, const T* vn, int64_t svn, const T* va, int64_t sva,
+                    const T* W, const T* cf, const T* rf, const T* phases, T* gA, T* gl, T* gu,
+                    T* gn, T* gv, T* gW_partial, T* gcf, T* grf) {
+  const int64_t taps = f.s.th * f.s.tw * f.s.p * f.s.c;
+  at::parallel_for(0, f.batch, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> buf(f.K), gbuf(f.K), gph(f.R);
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* l = sl + b * ssl;
+      const T* u = su + b * ssu;
+      const T* nv = vn + b * svn;
+      const T* v = kAll ? va + b * sva : nullptr;
+      const T* c = cf + b * f.R;
+      const T* r = rf + b * f.R;
+      T* out_l = gl + b * f.K;
+      T* out_u = gu + b * f.K;
+      T* out_n = gn + b * f.K;
+      T* out_v = gv + b * f.K;
+      T* out_c = gcf + b * f.R;
+      T* out_r = grf + b * f.R;
+      std::fill(out_l, out_l + f.K, T(0));
+      std::fill(out_u, out_u + f.K, T(0));
+      std::fill(out_n, out_n + f.K, T(0));
+      std::fill(out_v, out_v + f.K, T(0));
+      std::fill(out_c, out_c + f.R, T(0));
+      std::fill(out_r, out_r + f.R, T(0));
+      T* gW = gW_partial + b * taps;
+      std::fill(gW, gW + taps, T(0));
+      for (int64_t i = 0; i < f.rows_m; ++i) {
+        const int64_t n = b * f.rows_m + i;
+        const T g = G[n];
+        const T* a = A + b * sa + i * f.K;
+        bounds_rows::forward_row<T, kAll>(f.K, a, l, u, nv, v, buf.data());
+        const T* ph = phases + n * f.R;
+        for (int64_t k = 0; k < f.R; ++k) {
+          const T sign = T(ph[k] > T(0)) - T(ph[k] < T(0));
+          gph[k] = g * (c[k] - r[k] * sign);
+          out_c[k] += g * ph[k];
+          out_r[k] -= g * std::abs(ph[k]);
+        }
+        phase_row_backward<T>(f.s, gph.data(), buf.data(), W, gbuf.data(), gW);
+        bounds_rows::backward_row<T, kAll>(0, f.K, g, a, gbuf.data(), l, u, nv, v,
+                                           gA + n * f.K, out_l, out_u, out_n, out_v);
+      }
+    }
+  });
+}
+
+at::Tensor rows_of(const at::Tensor& t) {
+  const bool ok = t.stride(-1) == 1 && (t.dim() < 3 || t.stride(1) == t.size(2) || t.size(1) <= 1);
+  return ok ? t : t.contiguous();
+}
+
+int64_t stride0(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.stride(0); }
+
+std::tuple<at::Tensor, at::Tensor> relu_phase_lower_cpu(
+    const at::Tensor& A_, const at::Tensor& slope_l_, const at::Tensor& slope_u_,
+    const at::Tensor& v_neg_, const c10::optional<at::Tensor>& v_all_, const at::Tensor& taps,
+    const at::Tensor& c_frame_, const at::Tensor& r_frame_, int64_t h, int64_t w) {
+  const Fused f = check_fused(A_, taps, c_frame_, r_frame_, h, w);
+  const at::Tensor A = rows_of(A_), sl = rows_of(slope_l_), su = rows_of(slope_u_),
+                   vn = rows_of(v_neg_), cf = c_frame_.contiguous(), rf = r_frame_.contiguous();
+  const at::Tensor va = v_all_.has_value() ? rows_of(*v_all_) : at::Tensor();
+  const at::Tensor W = taps_by_position(taps);
+  at::Tensor lower = at::empty({f.batch, f.rows_m}, A.options());
+  at::Tensor phases = at::empty({f.batch, f.rows_m, f.R}, A.options());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "relu_phase_lower_cpu", [&] {
+    auto kernel = va.defined() ? fused_forward<scalar_t, true> : fused_forward<scalar_t, false>;
+    kernel(f, A.data_ptr<scalar_t>(), stride0(A), sl.data_ptr<scalar_t>(), stride0(sl),
+           su.data_ptr<scalar_t>(), stride0(su), vn.data_ptr<scalar_t>(), stride0(vn),
+           va.defined() ? va.data_ptr<scalar_t>() : nullptr, va.defined() ? stride0(va) : 0,
+           W.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(), rf.data_ptr<scalar_t>(),
+           lower.data_ptr<scalar_t>(), phases.data_ptr<scalar_t>());
+  });
+  return {lower, phases};
+}
+
+std::vector<at::Tensor> relu_phase_lower_backward_cpu(
+    const at::Tensor& grad_, const at::Tensor& A_, const at::Tensor& slope_l_,
+    const at::Tensor& slope_u_, const at::Tensor& v_neg_, const c10::optional<at::Tensor>& v_all_,
+    const at::Tensor& taps, const at::Tensor& c_frame_, const at::Tensor& r_frame_,
+    const at::Tensor& phases_, int64_t h, int64_t w) {
+  const Fused f = check_fused(A_, taps, c_frame_, r_frame_, h, w);
+  TORCH_CHECK(grad_.sizes() == at::IntArrayRef({f.batch, f.rows_m}),
+              "torch_dlt::relu_phase_lower_backward: grad must be [B, m], got ", grad_.sizes());
+  const at::Tensor G = grad_.contiguous(), A = rows_of(A_), sl = rows_of(slope_l_),
+                   su = rows_of(slope_u_), vn = rows_of(v_neg_), cf = c_frame_.contiguous(),
+                   rf = r_frame_.contiguous(), ph = phases_.contiguous();
+  const at::Tensor va = v_all_.has_value() ? rows_of(*v_all_) : at::Tensor();
+  const at::Tensor W = taps_by_position(taps);
+  auto opts = A.options();
+  at::Tensor gA = at::empty({f.batch, f.rows_m, f.K}, opts);
+  at::Tensor gl = at::empty({f.batch, f.K}, opts), gu = at::empty({f.batch, f.K}, opts);
+  at::Tensor gn = at::empty({f.batch, f.K}, opts), gv = at::empty({f.batch, f.K}, opts);
+  at::Tensor gcf = at::empty({f.batch, f.R}, opts), grf = at::empty({f.batch, f.R}, opts);
+  // one grad_taps partial sum per example, added in a fixed order: deterministic
+  at::Tensor partial = at::empty({f.batch, f.s.th, f.s.tw, f.s.p, f.s.c}, opts);
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "relu_phase_lower_backward_cpu", [&] {
+    auto kernel = va.defined() ? fused_backward<scalar_t, true> : fused_backward<scalar_t, false>;
+    kernel(f, G.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), stride0(A), sl.data_ptr<scalar_t>(),
+           stride0(sl), su.data_ptr<scalar_t>(), stride0(su), vn.data_ptr<scalar_t>(),
+           stride0(vn), va.defined() ? va.data_ptr<scalar_t>() : nullptr,
+           va.defined() ? stride0(va) : 0, W.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(),
+           rf.data_ptr<scalar_t>(), ph.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(),
+           gl.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>(), gn.data_ptr<scalar_t>(),
+           gv.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>(), gcf.data_ptr<scalar_t>(),
+           grf.data_ptr<scalar_t>());
+  });
+  at::Tensor grad_taps = partial.sum(0).permute({2, 3, 0, 1}).contiguous();
+  return {gA, gl, gu, gn, gv, grad_taps, gcf, grf};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_dlt, CPU, m) {
   m.impl("phase_conv", &phase_conv_cpu);
   m.impl("phase_conv_backward", &phase_conv_backward_cpu);
+  m.impl("relu_phase_lower", &relu_phase_lower_cpu);
+  m.impl("relu_phase_lower_backward", &relu_phase_lower_backward_cpu);
 }
 
 }  // namespace torch_dlt

@@ -144,10 +144,20 @@ __all__ += [
 
 from torch_dlt.ops.bounds import (  # noqa: E402  (needs has_ops above)
     has_bounds_ops,
+    has_fused_bound,
     ibp_relu_,
     phase_conv,
     relu_lines,
     relu_lines_,
+    relu_phase_lower,
 )
 
-__all__ += ["has_bounds_ops", "ibp_relu_", "phase_conv", "relu_lines", "relu_lines_"]
+__all__ += [
+    "has_bounds_ops",
+    "has_fused_bound",
+    "ibp_relu_",
+    "phase_conv",
+    "relu_lines",
+    "relu_lines_",
+    "relu_phase_lower",
+]

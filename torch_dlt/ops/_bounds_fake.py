@@ -75,6 +75,40 @@ def _phase_conv_backward(ctx, grad: Tensor):
     return tuple(torch.ops.torch_dlt.phase_conv_backward(grad, A, taps))
 
 
+def _relu_phase_lower_fake(A, slope_l, slope_u, v_neg, v_all, taps, c_frame, r_frame, h, w):
+    return A.new_empty(A.shape[:2]), A.new_empty(*A.shape[:2], c_frame.shape[1])
+
+
+def _relu_phase_lower_backward_fake(
+    grad, A, slope_l, slope_u, v_neg, v_all, taps, c_frame, r_frame, phases, h, w
+):
+    batch, _, units = A.shape
+    vectors = [A.new_empty(batch, units) for _ in range(4)]
+    frames = [A.new_empty(c_frame.shape), A.new_empty(r_frame.shape)]
+    return [A.new_empty(A.shape), *vectors, taps.new_empty(taps.shape), *frames]
+
+
+def _fused_setup(ctx, inputs, output) -> None:
+    A, slope_l, slope_u, v_neg, v_all, taps, c_frame, r_frame, h, w = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(A, slope_l, slope_u, v_neg, v_all, taps, c_frame, r_frame, output[1])
+    ctx.size = (h, w)
+    ctx.shapes = [None if t is None else t.shape for t in (slope_l, slope_u, v_neg, v_all)]
+
+
+def _fused_backward(ctx, grad: Tensor | None, _grad_phases):
+    A, slope_l, slope_u, v_neg, v_all, taps, c_frame, r_frame, phases = ctx.saved_tensors
+    if grad is None:
+        grad = A.new_zeros(A.shape[:2])
+    grads = torch.ops.torch_dlt.relu_phase_lower_backward(
+        grad, A, slope_l, slope_u, v_neg, v_all, taps, c_frame, r_frame, phases, *ctx.size
+    )
+    vectors = [
+        None if shape is None else _reduce(g, shape) for g, shape in zip(grads[1:5], ctx.shapes)
+    ]
+    return (grads[0], *vectors, grads[5], grads[6], grads[7], None, None)
+
+
 def register() -> None:
     """Attach the fake kernels and the autograd formula to the ops of the loaded ``_C``."""
     torch.library.register_fake("torch_dlt::relu_lines")(_relu_lines_fake)
@@ -89,4 +123,12 @@ def register() -> None:
         torch.library.register_fake("torch_dlt::phase_conv_backward")(_phase_conv_backward_fake)
         torch.library.register_autograd(
             "torch_dlt::phase_conv", _phase_conv_backward, setup_context=_phase_setup
+        )
+    if hasattr(torch.ops.torch_dlt, "relu_phase_lower"):
+        torch.library.register_fake("torch_dlt::relu_phase_lower")(_relu_phase_lower_fake)
+        torch.library.register_fake("torch_dlt::relu_phase_lower_backward")(
+            _relu_phase_lower_backward_fake
+        )
+        torch.library.register_autograd(
+            "torch_dlt::relu_phase_lower", _fused_backward, setup_context=_fused_setup
         )

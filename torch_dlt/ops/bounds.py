@@ -18,11 +18,13 @@ from torch_dlt.ops import has_ops
 
 __all__ = [
     "has_bounds_ops",
+    "has_fused_bound",
     "ibp_relu_",
     "phase_conv",
     "relu_lines",
     "relu_lines_",
     "relu_lines_reference",
+    "relu_phase_lower",
 ]
 
 
@@ -145,6 +147,63 @@ def phase_conv(A: Tensor, taps: Tensor) -> Tensor:
     if has_bounds_ops(A) and hasattr(torch.ops.torch_dlt, "phase_conv") and A.dtype == taps.dtype:
         return torch.ops.torch_dlt.phase_conv(A, taps)
     return F.conv2d(A, taps, padding=(taps.shape[2] - 1, taps.shape[3] - 1))
+
+
+def has_fused_bound(x: Tensor | None = None) -> bool:
+    """Whether the compiled :func:`relu_phase_lower` exists (and, given ``x``, runs on it)."""
+    return has_bounds_ops(x) and hasattr(torch.ops.torch_dlt, "relu_phase_lower")
+
+
+def relu_phase_lower(
+    A: Tensor,
+    slope_l: Tensor,
+    slope_u: Tensor,
+    v_neg: Tensor,
+    v_all: Tensor | None,
+    taps: Tensor,
+    c_frame: Tensor,
+    r_frame: Tensor,
+    h: int,
+    w: int,
+) -> Tensor:
+    """The end of CROWN's backward pass from a ReLU on a strided input convolution, fused.
+
+    For each row of ``A [B, m, h w C]`` (units in channels-last order): the ReLU step
+    (:func:`relu_lines`), the correlation with the stride-phase kernel ``taps [P, C, th, tw]``
+    (:func:`phase_conv`) and the minimum over the input box laid out in the phases' frame
+    (``c_frame``, ``r_frame`` [B, rows cols P]: centre and radius), in one compiled pass that never
+    writes the ReLU's A-matrix to memory. Differentiable in every tensor input.
+
+    Returns:
+        Tensor: the lower bound [B, m] (the ReLU step's bias included).
+    """
+    lower, _ = torch.ops.torch_dlt.relu_phase_lower(
+        A, slope_l, slope_u, v_neg, v_all, taps, c_frame, r_frame, h, w
+    )
+    return lower
+
+
+def relu_phase_lower_reference(
+    A: Tensor,
+    slope_l: Tensor,
+    slope_u: Tensor,
+    v_neg: Tensor,
+    v_all: Tensor | None,
+    taps: Tensor,
+    c_frame: Tensor,
+    r_frame: Tensor,
+    h: int,
+    w: int,
+) -> Tensor:
+    """:func:`relu_phase_lower` in plain differentiable torch (the tests' oracle)."""
+    batch, rows_m, _ = A.shape
+    _, channels, th, tw = taps.shape
+    A_in, bias = relu_lines_reference(A, slope_l, slope_u, v_neg, v_all)
+    maps = A_in.reshape(batch * rows_m, h, w, channels).permute(0, 3, 1, 2)
+    phases = F.conv2d(maps, taps, padding=(th - 1, tw - 1)).permute(0, 2, 3, 1)
+    phases = phases.reshape(batch, rows_m, -1)
+    centre = (phases * c_frame.unsqueeze(1)).sum(-1)
+    return bias + centre - (phases.abs() * r_frame.unsqueeze(1)).sum(-1)
 
 
 def ibp_relu_(c: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:

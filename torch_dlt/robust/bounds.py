@@ -617,25 +617,23 @@ class _ReluLines(torch.autograd.Function):
         return grad_A, grad_l, grad_u, grad_neg, grad_all
 
 
-def _relu_backward(
-    A: Tensor, relax: _Relaxation, relu: int, shift: Tensor | None = None, owned: bool = False
-) -> tuple[Tensor, Tensor]:
-    """A-matrix on the ReLU's input and the bias term [B or 1, m].
+@dataclass
+class _ReluOperands:
+    """A ReLU step's operands in A's memory order: ``A_flat [B, m, K]``, lines ``[B or 1, K]``."""
 
-    ``shift`` (Tensor[*input shape] | None): a bias on the ReLU's input that the layer below
-    adds; its term ``A_in . shift`` is then part of the returned bias. ``owned``: nothing else
-    reads A, so without autograd A_in may overwrite it (a fresh A-sized tensor is a pass of
-    page faults).
-    """
-    slope_l, slope_u, icpt_u, unstable = relax.lines(relu)
+    A: Tensor  # expanded to the batch
+    A_flat: Tensor
+    slope_l: Tensor
+    slope_u: Tensor
+    v_neg: Tensor
+    v_all: Tensor | None
+    channels_last: bool
+
+
+def _relu_operands(A: Tensor, relax: _Relaxation, relu: int, shift: Tensor | None) -> _ReluOperands:
+    slope_l, slope_u, icpt_u, _ = relax.lines(relu)
     channels_last = _is_channels_last(A)
-    if relu in relax.alpha:
-        A_in, bias = _relu_backward_alpha(A, relax, relu, channels_last)
-        if shift is not None:
-            bias = bias + (A_in * shift).flatten(2).sum(-1)
-        return A_in, bias
     batch = slope_l.shape[0]
-    owned = owned and A.shape[0] == batch and not torch.is_grad_enabled()
     lead = (max(A.shape[0], batch), A.shape[1])
     A = A.expand(*lead, *A.shape[2:])
     same = slope_l is slope_u
@@ -654,25 +652,73 @@ def _relu_backward(
         if not same:
             v_neg = v_neg + (slope_u_flat - slope_l_flat) * shift
     A_flat = (A.permute(0, 1, 3, 4, 2) if channels_last else A).reshape(*lead, -1)
-    slopes = (slope_l_flat.unsqueeze(1), slope_u_flat.unsqueeze(1))
-    if same:
-        slopes = (slopes[1], slopes[1])
+    return _ReluOperands(A, A_flat, slope_l_flat, slope_u_flat, v_neg, v_all, channels_last)
+
+
+def _relu_backward(
+    A: Tensor, relax: _Relaxation, relu: int, shift: Tensor | None = None, owned: bool = False
+) -> tuple[Tensor, Tensor]:
+    """A-matrix on the ReLU's input and the bias term [B or 1, m].
+
+    ``shift`` (Tensor[*input shape] | None): a bias on the ReLU's input that the layer below
+    adds; its term ``A_in . shift`` is then part of the returned bias. ``owned``: nothing else
+    reads A, so without autograd A_in may overwrite it (a fresh A-sized tensor is a pass of
+    page faults).
+    """
+    if relu in relax.alpha:
+        A_in, bias = _relu_backward_alpha(A, relax, relu, _is_channels_last(A))
+        if shift is not None:
+            bias = bias + (A_in * shift).flatten(2).sum(-1)
+        return A_in, bias
+    batch = relax.lines(relu)[0].shape[0]
+    owned = owned and A.shape[0] == batch and not torch.is_grad_enabled()
+    ops = _relu_operands(A, relax, relu, shift)
+    A, A_flat, v_neg, v_all = ops.A, ops.A_flat, ops.v_neg, ops.v_all
+    lead = A.shape[:2]
     if owned and _ops.has_bounds_ops(A_flat) and A_flat.is_contiguous():
         A_in = A_flat
-        bias = _ops.relu_lines_(A_flat, slopes[0].squeeze(1), slopes[1].squeeze(1), v_neg, v_all)
+        bias = _ops.relu_lines_(A_flat, ops.slope_l, ops.slope_u, v_neg, v_all)
     elif owned:
         A_in = A_flat
+        slopes = (ops.slope_l.unsqueeze(1), ops.slope_u.unsqueeze(1))
         bias = _relu_lines(A_flat, *slopes, v_neg, v_all, A_in)
     elif _ops.has_bounds_ops(A_flat):
-        A_in, bias = _ops.relu_lines(
-            A_flat, slopes[0].squeeze(1), slopes[1].squeeze(1), v_neg, v_all
-        )
+        A_in, bias = _ops.relu_lines(A_flat, ops.slope_l, ops.slope_u, v_neg, v_all)
     else:
+        slopes = (ops.slope_l.unsqueeze(1), ops.slope_u.unsqueeze(1))
         A_in, bias = _ReluLines.apply(A_flat, *slopes, v_neg, v_all)
-    if channels_last:
+    if ops.channels_last:
         shape = A.shape
         return A_in.view(*lead, shape[3], shape[4], shape[2]).permute(0, 1, 4, 2, 3), bias
     return A_in.view(A.shape), bias
+
+
+def _relu_onto_input_conv(
+    graph: _Graph, relu: int, A: Tensor, relax: _Relaxation, c0: Tensor, r0: Tensor
+) -> Tensor | None:
+    """The rest of the backward pass from a ReLU on a strided input convolution, fused: the
+    ReLU step, the convolution by its stride phases and the box's minimum in one compiled pass
+    (``torch_dlt.ops.relu_phase_lower``). None where that does not apply."""
+    node = graph.nodes[relu]
+    conv = graph.nodes[node.inputs[0]]
+    if (
+        relu in relax.alpha
+        or not node.exclusive_input
+        or not _is_channels_last(A)
+        or not _ops.has_fused_bound(A)
+    ):
+        return None
+    ops = _relu_operands(A, relax, relu, _layer_bias(graph, node.inputs[0]))
+    m = conv.module
+    taps = _phase_taps(m.weight, m.stride)
+    h, w = ops.A.shape[3], ops.A.shape[4]
+    rows, cols = h + taps.shape[2] - 1, w + taps.shape[3] - 1
+    padding = _conv_padding(m)
+    c = _phase_frame(c0, m.stride, padding, rows, cols).reshape(c0.shape[0], -1)
+    r = _phase_frame(r0, m.stride, padding, rows, cols).reshape(r0.shape[0], -1)
+    return _ops.relu_phase_lower(
+        ops.A_flat, ops.slope_l, ops.slope_u, ops.v_neg, ops.v_all, taps, c, r, h, w
+    )
 
 
 def _relu_backward_alpha(
@@ -988,6 +1034,16 @@ def _backward_pass(
             with_bias = node.module.bias is not None and index not in folded
             b = A.sum((-2, -1)).matmul(node.module.bias) if with_bias else 0
             return _concretize_conv(node, A, c0, r0) + (bias + b)
+        if (
+            node.kind == "relu"
+            and not pending
+            and graph.nodes[source].kind == "conv"
+            and graph.nodes[graph.nodes[source].inputs[0]].kind == "input"
+            and _by_phases(graph.nodes[source].module)
+        ):
+            found = _relu_onto_input_conv(graph, index, A, relax, c0, r0)
+            if found is not None:
+                return found + bias
         if node.kind == "relu":
             shift = _layer_bias(graph, source) if node.exclusive_input else None
             if shift is not None:
