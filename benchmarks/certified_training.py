@@ -141,7 +141,7 @@ def run(quick: bool) -> dict:
         print("auto_LiRPA is not installed: timing ours only")
     for fn in steps.values():  # tracing, first-call allocations
         fn()
-    rounds, loops = (2, 1) if quick else (5, 2)
+    rounds, loops = (2, 1) if quick else (15, 2)
     cpu = {name: [] for name in steps}
     wall = {name: [] for name in steps}
     for _ in range(rounds):

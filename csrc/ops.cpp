@@ -74,4 +74,13 @@ TORCH_LIBRARY(torch_dlt, m) {
       "relu_phase_lower_backward(Tensor grad, Tensor A, Tensor slope_l, Tensor slope_u, "
       "Tensor v_neg, Tensor? v_all, Tensor taps, Tensor c_frame, Tensor r_frame, Tensor phases, "
       "int h, int w) -> Tensor[]");
+  // CROWN's ReLU relaxation from pre-activation bounds [B, C, ...]: the adaptive lower line's
+  // slope, the upper line's slope and intercept, and the unstable mask; channels-last memory for
+  // maps when channels_last. Differentiable in lower and upper through crown_lines_backward.
+  m.def(
+      "crown_lines(Tensor lower, Tensor upper, bool channels_last) -> (Tensor slope_l, "
+      "Tensor slope_u, Tensor icpt_u, Tensor unstable)");
+  m.def(
+      "crown_lines_backward(Tensor grad_slope_u, Tensor grad_icpt_u, Tensor lower, Tensor upper, "
+      "bool channels_last) -> (Tensor grad_lower, Tensor grad_upper)");
 }

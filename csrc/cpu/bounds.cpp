@@ -225,6 +225,129 @@ void ibp_relu_cpu(const at::Tensor& c, const at::Tensor& r) {
   });
 }
 
+// ---------------------------------------------------------------- CROWN's ReLU lines
+//
+// From the pre-activation bounds l, u [B, C, S] (S = H W, or 1): the upper line u (z - l) / (u - l)
+// (slope_u, icpt_u = -slope_u l) and the adaptive lower line's slope (1 where u > -l) on unstable
+// units (l < 0 < u); slope 1, 0 on active (l >= 0) and inactive units. Outputs [B, C, S] in either
+// the input's order or channels-last [B, S, C] memory (the order of CROWN's A-matrices on maps),
+// so no permuted copy follows.
+
+template <typename T>
+void lines_of_bounds(const T* lo, const T* up, int64_t B, int64_t C, int64_t S, bool cl, T* sl,
+                     T* su, T* icpt, bool* unstable) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t x = 0; x < S; ++x) {
+          const int64_t in = (b * C + c) * S + x;
+          const int64_t out = cl ? (b * S + x) * C + c : in;
+          const T l = lo[in], u = up[in];
+          const bool mid = l < T(0) && u > T(0);
+          const T slope = mid ? u / (u - l) : T(l >= T(0));
+          su[out] = slope;
+          icpt[out] = mid ? -slope * l : T(0);
+          sl[out] = mid ? T(u > -l) : T(l >= T(0));
+          unstable[out] = mid;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void lines_of_bounds_backward(const T* g_su, const T* g_icpt, const T* lo, const T* up, int64_t B,
+                              int64_t C, int64_t S, bool cl, T* g_lo, T* g_up) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t x = 0; x < S; ++x) {
+          const int64_t in = (b * C + c) * S + x;
+          const int64_t out = cl ? (b * S + x) * C + c : in;
+          const T l = lo[in], u = up[in];
+          if (l < T(0) && u > T(0)) {
+            // slope = u / (u - l), icpt = -slope l
+            const T inv = T(1) / (u - l), inv2 = inv * inv;
+            const T gs = g_su[out], gi = g_icpt[out];
+            g_up[in] = gs * (-l * inv2) + gi * (l * l * inv2);
+            g_lo[in] = gs * (u * inv2) + gi * (-u * u * inv2);
+          } else {
+            g_up[in] = T(0);
+            g_lo[in] = T(0);
+          }
+        }
+      }
+    }
+  });
+}
+
+struct BoundsLayout {
+  int64_t B, C, S;
+};
+
+BoundsLayout check_bounds(const char* op, const at::Tensor& lower, const at::Tensor& upper) {
+  TORCH_CHECK(lower.sizes() == upper.sizes() && lower.dim() >= 2, "torch_dlt::", op,
+              ": lower and upper must have the same shape [B, C, ...], got ", lower.sizes(),
+              " and ", upper.sizes());
+  TORCH_CHECK(lower.device().is_cpu() && upper.device().is_cpu(), "torch_dlt::", op,
+              ": tensors must be on the CPU");
+  TORCH_CHECK(lower.scalar_type() == upper.scalar_type() &&
+                  (lower.scalar_type() == at::kFloat || lower.scalar_type() == at::kDouble),
+              "torch_dlt::", op, ": lower and upper must both be float32 or float64");
+  BoundsLayout s{lower.size(0), lower.size(1), 1};
+  for (int64_t d = 2; d < lower.dim(); ++d) s.S *= lower.size(d);
+  return s;
+}
+
+// An empty tensor shaped like t: channels-last memory for a 4-d map when cl.
+at::Tensor empty_like_layout(const at::Tensor& t, bool cl, at::ScalarType dtype) {
+  auto opts = t.options().dtype(dtype);
+  if (cl && t.dim() == 4) return at::empty(t.sizes(), opts, at::MemoryFormat::ChannelsLast);
+  return at::empty(t.sizes(), opts);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crown_lines_cpu(
+    const at::Tensor& lower_, const at::Tensor& upper_, bool channels_last) {
+  const BoundsLayout s = check_bounds("crown_lines", lower_, upper_);
+  const bool cl = channels_last && lower_.dim() == 4;
+  const at::Tensor lower = lower_.contiguous(), upper = upper_.contiguous();
+  at::Tensor sl = empty_like_layout(lower, cl, lower.scalar_type());
+  at::Tensor su = empty_like_layout(lower, cl, lower.scalar_type());
+  at::Tensor icpt = empty_like_layout(lower, cl, lower.scalar_type());
+  at::Tensor unstable = empty_like_layout(lower, cl, at::kBool);
+  AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "crown_lines_cpu", [&] {
+    lines_of_bounds<scalar_t>(lower.data_ptr<scalar_t>(), upper.data_ptr<scalar_t>(), s.B, s.C,
+                              s.S, cl, sl.data_ptr<scalar_t>(), su.data_ptr<scalar_t>(),
+                              icpt.data_ptr<scalar_t>(), unstable.data_ptr<bool>());
+  });
+  return {sl, su, icpt, unstable};
+}
+
+std::tuple<at::Tensor, at::Tensor> crown_lines_backward_cpu(const at::Tensor& grad_slope_u,
+                                                            const at::Tensor& grad_icpt_u,
+                                                            const at::Tensor& lower_,
+                                                            const at::Tensor& upper_,
+                                                            bool channels_last) {
+  const BoundsLayout s = check_bounds("crown_lines_backward", lower_, upper_);
+  const bool cl = channels_last && lower_.dim() == 4;
+  const at::Tensor lower = lower_.contiguous(), upper = upper_.contiguous();
+  auto in_layout = [&](const at::Tensor& g) {
+    TORCH_CHECK(g.sizes() == lower.sizes(), "torch_dlt::crown_lines_backward: gradients must be ",
+                lower.sizes(), ", got ", g.sizes());
+    return cl ? g.contiguous(at::MemoryFormat::ChannelsLast) : g.contiguous();
+  };
+  const at::Tensor gs = in_layout(grad_slope_u), gi = in_layout(grad_icpt_u);
+  at::Tensor g_lo = at::empty(lower.sizes(), lower.options());
+  at::Tensor g_up = at::empty(lower.sizes(), lower.options());
+  AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "crown_lines_backward_cpu", [&] {
+    lines_of_bounds_backward<scalar_t>(gs.data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(),
+                                       lower.data_ptr<scalar_t>(), upper.data_ptr<scalar_t>(),
+                                       s.B, s.C, s.S, cl, g_lo.data_ptr<scalar_t>(),
+                                       g_up.data_ptr<scalar_t>());
+  });
+  return {g_lo, g_up};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_dlt, CPU, m) {
@@ -232,6 +355,8 @@ TORCH_LIBRARY_IMPL(torch_dlt, CPU, m) {
   m.impl("relu_lines_", &relu_lines_in_place_cpu);
   m.impl("relu_lines_backward", &relu_lines_backward_cpu);
   m.impl("ibp_relu_", &ibp_relu_cpu);
+  m.impl("crown_lines", &crown_lines_cpu);
+  m.impl("crown_lines_backward", &crown_lines_backward_cpu);
 }
 
 }  // namespace torch_dlt

@@ -210,6 +210,93 @@ def test_phase_conv_wrapper():
         ops.phase_conv(A, taps[:, :3])
 
 
+def _bounds(shape, seed=0, edges=True):
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn(shape, generator=g, dtype=torch.float64)
+    radius = torch.rand(shape, generator=g, dtype=torch.float64)
+    lower, upper = centre - radius, centre + radius
+    if edges:  # a unit with lower = 0, one with upper = -lower
+        lower.view(-1)[:2] = torch.tensor([0.0, -1.0], dtype=torch.float64)
+        upper.view(-1)[:2] = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    return lower, upper
+
+
+@needs_ops
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (5, 17), (2, 1, 3, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_crown_lines_match_reference(shape, channels_last):
+    lower, upper = _bounds(shape)
+    got = torch.ops.torch_dlt.crown_lines(lower, upper, channels_last)
+    want = ob.crown_lines_reference(lower, upper)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert torch.equal(g, w) if g.dtype == torch.bool else bool(torch.allclose(g, w))
+    if channels_last and len(shape) == 4:
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+    # gradients through slope_u and icpt_u against autograd of the reference
+    leaves = (lower.clone().requires_grad_(), upper.clone().requires_grad_())
+    twins = (lower.clone().requires_grad_(), upper.clone().requires_grad_())
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2)]
+    out = torch.ops.torch_dlt.crown_lines(*leaves, channels_last)
+    ((out[1] * weights[0]).sum() + (out[2] * weights[1]).sum()).backward()
+    out = ob.crown_lines_reference(*twins)
+    ((out[1] * weights[0]).sum() + (out[2] * weights[1]).sum()).backward()
+    for mine, theirs in zip(leaves, twins):
+        assert_close(mine.grad, theirs.grad, rtol=1e-12, atol=1e-12)
+
+
+@needs_ops
+def test_crown_lines_gradcheck_and_opcheck():
+    lower, upper = _bounds((2, 3, 4, 4), seed=3, edges=False)  # finite differences off the kinks
+    lower, upper = lower.requires_grad_(), upper.requires_grad_()
+    assert torch.autograd.gradcheck(lambda l, u: torch.ops.torch_dlt.crown_lines(l, u, True)[1:3],
+                                    (lower, upper))  # fmt: skip
+    torch.library.opcheck(torch.ops.torch_dlt.crown_lines.default, (lower, upper, True))
+
+
+def test_crown_lines_wrapper():
+    lower, upper = _bounds((3, 2, 4, 4))
+    for got, want in zip(
+        ops.crown_lines(lower, upper, True), ob.crown_lines_reference(lower, upper)
+    ):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        ops.crown_lines(lower, upper[:1])
+
+
+@needs_ops
+def test_relu_phase_lower_matches_the_unfused_steps():
+    g = torch.Generator().manual_seed(4)
+    batch, rows, channels, h, w, phases = 3, 4, 16, 6, 5, 4
+
+    def draw(*shape, positive=False):
+        t = torch.rand if positive else torch.randn
+        return t(*shape, generator=g, dtype=torch.float64)
+
+    units, frame = h * w * channels, (h + 1) * (w + 1) * phases
+    inputs = [
+        draw(batch, rows, units),
+        draw(batch, units, positive=True),
+        draw(batch, units, positive=True),
+        draw(batch, units),
+        draw(1, units),
+        draw(phases, channels, 2, 2),
+        draw(batch, frame),
+        draw(batch, frame, positive=True),
+    ]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    twins = [t.clone().requires_grad_() for t in inputs]
+    lower = ops.relu_phase_lower(*leaves, h, w)
+    want = ob.relu_phase_lower_reference(*twins, h, w)
+    assert_close(lower, want, rtol=1e-12, atol=1e-10)
+    weights = torch.randn(lower.shape, generator=g, dtype=torch.float64)
+    (lower * weights).sum().backward()
+    (want * weights).sum().backward()
+    for mine, theirs in zip(leaves, twins):
+        assert_close(mine.grad, theirs.grad, rtol=1e-10, atol=1e-10)
+
+
 def test_relu_lines_bad_input():
     A, slope_l, slope_u, v_neg, _ = _lines_inputs()
     with pytest.raises(ValueError, match=r"slope_u must be a Tensor \[B or 1, K\]"):

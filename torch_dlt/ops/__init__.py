@@ -143,6 +143,7 @@ __all__ += [
 ]
 
 from torch_dlt.ops.bounds import (  # noqa: E402  (needs has_ops above)
+    crown_lines,
     has_bounds_ops,
     has_fused_bound,
     ibp_relu_,
@@ -153,6 +154,7 @@ from torch_dlt.ops.bounds import (  # noqa: E402  (needs has_ops above)
 )
 
 __all__ += [
+    "crown_lines",
     "has_bounds_ops",
     "has_fused_bound",
     "ibp_relu_",

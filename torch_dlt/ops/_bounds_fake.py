@@ -109,6 +109,35 @@ def _fused_backward(ctx, grad: Tensor | None, _grad_phases):
     return (grads[0], *vectors, grads[5], grads[6], grads[7], None, None)
 
 
+def _crown_lines_fake(lower: Tensor, upper: Tensor, channels_last: bool):
+    layout = torch.channels_last if channels_last and lower.dim() == 4 else torch.contiguous_format
+    out = [torch.empty_like(lower, memory_format=layout) for _ in range(3)]
+    return (*out, torch.empty_like(lower, dtype=torch.bool, memory_format=layout))
+
+
+def _crown_lines_backward_fake(grad_slope_u, grad_icpt_u, lower, upper, channels_last):
+    return torch.empty_like(lower), torch.empty_like(upper)
+
+
+def _lines_setup(ctx, inputs, output) -> None:
+    lower, upper, channels_last = inputs
+    ctx.mark_non_differentiable(output[0], output[3])
+    ctx.save_for_backward(lower, upper)
+    ctx.channels_last = channels_last
+
+
+def _crown_lines_backward(ctx, _grad_slope_l, grad_slope_u, grad_icpt_u, _grad_unstable):
+    lower, upper = ctx.saved_tensors
+    if grad_slope_u is None:
+        grad_slope_u = torch.zeros_like(lower)
+    if grad_icpt_u is None:
+        grad_icpt_u = torch.zeros_like(lower)
+    grads = torch.ops.torch_dlt.crown_lines_backward(
+        grad_slope_u, grad_icpt_u, lower, upper, ctx.channels_last
+    )
+    return grads[0], grads[1], None
+
+
 def register() -> None:
     """Attach the fake kernels and the autograd formula to the ops of the loaded ``_C``."""
     torch.library.register_fake("torch_dlt::relu_lines")(_relu_lines_fake)
@@ -123,6 +152,12 @@ def register() -> None:
         torch.library.register_fake("torch_dlt::phase_conv_backward")(_phase_conv_backward_fake)
         torch.library.register_autograd(
             "torch_dlt::phase_conv", _phase_conv_backward, setup_context=_phase_setup
+        )
+    if hasattr(torch.ops.torch_dlt, "crown_lines"):
+        torch.library.register_fake("torch_dlt::crown_lines")(_crown_lines_fake)
+        torch.library.register_fake("torch_dlt::crown_lines_backward")(_crown_lines_backward_fake)
+        torch.library.register_autograd(
+            "torch_dlt::crown_lines", _crown_lines_backward, setup_context=_lines_setup
         )
     if hasattr(torch.ops.torch_dlt, "relu_phase_lower"):
         torch.library.register_fake("torch_dlt::relu_phase_lower")(_relu_phase_lower_fake)

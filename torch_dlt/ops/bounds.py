@@ -17,6 +17,8 @@ from torch import Tensor
 from torch_dlt.ops import has_ops
 
 __all__ = [
+    "crown_lines",
+    "crown_lines_reference",
     "has_bounds_ops",
     "has_fused_bound",
     "ibp_relu_",
@@ -37,6 +39,55 @@ def has_bounds_ops(x: Tensor | None = None) -> bool:
     if not (has_ops() and hasattr(torch.ops.torch_dlt, "relu_lines")):
         return False
     return x is None or (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64))
+
+
+def crown_lines_reference(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CROWN's ReLU relaxation from pre-activation bounds, in plain differentiable torch.
+
+    Returns ``(slope_l, slope_u, icpt_u, unstable)``: on unstable units (lower < 0 < upper) the
+    upper line ``u (z - l) / (u - l)`` and the adaptive lower line's slope (1 where u > -l, else
+    0); slope 1 on active units (lower >= 0) and 0 on inactive ones, intercepts 0.
+    """
+    unstable = (lower < 0) & (upper > 0)
+    active = (lower >= 0).to(lower.dtype)
+    width = torch.where(unstable, upper - lower, torch.ones_like(lower))
+    slope_u = torch.where(unstable, upper / width, active)
+    icpt_u = torch.where(unstable, -slope_u * lower, torch.zeros_like(lower))
+    slope_l = torch.where(unstable, (upper > -lower).to(lower.dtype), active)
+    return slope_l, slope_u, icpt_u, unstable
+
+
+def crown_lines(
+    lower: Tensor, upper: Tensor, channels_last: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CROWN's ReLU relaxation from pre-activation bounds ``[B, C, ...]``, in one pass.
+
+    See :func:`crown_lines_reference` for the lines. With ``channels_last`` a 4-d map's results
+    are laid out channels-last (the memory order of CROWN's A-matrices on maps). Differentiable in
+    ``lower`` and ``upper`` (through ``slope_u`` and ``icpt_u``; the lower slope is piecewise
+    constant).
+
+    Example:
+        >>> lo, up = torch.tensor([[-1.0, 0.5, -2.0]]), torch.tensor([[3.0, 1.0, -1.0]])
+        >>> slope_l, slope_u, icpt_u, unstable = crown_lines(lo, up)
+        >>> slope_u, icpt_u
+        (tensor([[0.7500, 1.0000, 0.0000]]), tensor([[0.7500, 0.0000, 0.0000]]))
+        >>> slope_l, unstable
+        (tensor([[1., 1., 0.]]), tensor([[ True, False, False]]))
+    """
+    if not isinstance(lower, Tensor) or not isinstance(upper, Tensor):
+        raise TypeError("crown_lines: lower and upper must be Tensors")
+    if lower.shape != upper.shape or lower.dim() < 2:
+        raise ValueError(
+            f"crown_lines: lower {tuple(lower.shape)} and upper {tuple(upper.shape)} must have the "
+            "same shape [B, C, ...]"
+        )
+    if has_bounds_ops(lower) and hasattr(torch.ops.torch_dlt, "crown_lines"):
+        return tuple(torch.ops.torch_dlt.crown_lines(lower, upper, channels_last))
+    out = crown_lines_reference(lower, upper)
+    if channels_last and lower.dim() == 4:
+        out = tuple(t.contiguous(memory_format=torch.channels_last) for t in out)
+    return out
 
 
 def relu_lines_reference(

@@ -498,6 +498,14 @@ class _Relaxation:
 
     def _compute_lines(self, relu: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         lower, upper = self.lower[relu], self.upper[relu]
+        if _ops.has_bounds_ops(lower):
+            # one compiled pass, laid out channels-last on maps like the A-matrices
+            slope_l, slope_u, icpt_u, unstable = _ops.crown_lines(
+                lower, upper, channels_last=lower.dim() == 4 and lower.shape[1] > 1
+            )
+            if self.rule == "wong-kolter":
+                slope_l = slope_u
+            return slope_l, slope_u, icpt_u, unstable
         unstable = (lower < 0) & (upper > 0)
         # Masks as 0/1 factors rather than torch.where, which is several times slower on CPU;
         # the width is 1 on stable units, so no 0/0 reaches the values or the gradients.
