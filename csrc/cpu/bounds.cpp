@@ -233,50 +233,45 @@ void ibp_relu_cpu(const at::Tensor& c, const at::Tensor& r) {
 // the input's order or channels-last [B, S, C] memory (the order of CROWN's A-matrices on maps),
 // so no permuted copy follows.
 
+// f(in, out) for every unit: its index in the bounds [B, C, S] and in the lines' layout.
+template <typename F>
+void for_each_unit(int64_t B, int64_t C, int64_t S, bool cl, const F& f) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t x = 0; x < S; ++x)
+          f((b * C + c) * S + x, cl ? (b * S + x) * C + c : (b * C + c) * S + x);
+  });
+}
+
 template <typename T>
 void lines_of_bounds(const T* lo, const T* up, int64_t B, int64_t C, int64_t S, bool cl, T* sl,
                      T* su, T* icpt, bool* unstable) {
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t x = 0; x < S; ++x) {
-          const int64_t in = (b * C + c) * S + x;
-          const int64_t out = cl ? (b * S + x) * C + c : in;
-          const T l = lo[in], u = up[in];
-          const bool mid = l < T(0) && u > T(0);
-          const T slope = mid ? u / (u - l) : T(l >= T(0));
-          su[out] = slope;
-          icpt[out] = mid ? -slope * l : T(0);
-          sl[out] = mid ? T(u > -l) : T(l >= T(0));
-          unstable[out] = mid;
-        }
-      }
-    }
+  for_each_unit(B, C, S, cl, [&](int64_t in, int64_t out) {
+    const T l = lo[in], u = up[in];
+    const bool mid = l < T(0) && u > T(0);
+    const T slope = mid ? u / (u - l) : T(l >= T(0));
+    su[out] = slope;
+    icpt[out] = mid ? -slope * l : T(0);
+    sl[out] = mid ? T(u > -l) : T(l >= T(0));
+    unstable[out] = mid;
   });
 }
 
 template <typename T>
 void lines_of_bounds_backward(const T* g_su, const T* g_icpt, const T* lo, const T* up, int64_t B,
                               int64_t C, int64_t S, bool cl, T* g_lo, T* g_up) {
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t x = 0; x < S; ++x) {
-          const int64_t in = (b * C + c) * S + x;
-          const int64_t out = cl ? (b * S + x) * C + c : in;
-          const T l = lo[in], u = up[in];
-          if (l < T(0) && u > T(0)) {
-            // slope = u / (u - l), icpt = -slope l
-            const T inv = T(1) / (u - l), inv2 = inv * inv;
-            const T gs = g_su[out], gi = g_icpt[out];
-            g_up[in] = gs * (-l * inv2) + gi * (l * l * inv2);
-            g_lo[in] = gs * (u * inv2) + gi * (-u * u * inv2);
-          } else {
-            g_up[in] = T(0);
-            g_lo[in] = T(0);
-          }
-        }
-      }
+  for_each_unit(B, C, S, cl, [&](int64_t in, int64_t out) {
+    const T l = lo[in], u = up[in];
+    if (l < T(0) && u > T(0)) {
+      // slope = u / (u - l), icpt = -slope l
+      const T inv = T(1) / (u - l), inv2 = inv * inv;
+      const T gs = g_su[out], gi = g_icpt[out];
+      g_up[in] = gs * (-l * inv2) + gi * (l * l * inv2);
+      g_lo[in] = gs * (u * inv2) + gi * (-u * u * inv2);
+    } else {
+      g_up[in] = T(0);
+      g_lo[in] = T(0);
     }
   });
 }
