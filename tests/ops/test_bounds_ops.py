@@ -309,10 +309,10 @@ def test_relu_lines_bad_input():
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+    return nn.Sequential(  # a first layer that CROWN passes by its stride phases (fused)
+        nn.Conv2d(1, 16, 4, stride=2, padding=1),
         nn.ReLU(),
-        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.Conv2d(16, 6, 3, stride=2, padding=1),
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(6 * 4 * 4, 20),
@@ -322,12 +322,15 @@ def _net() -> nn.Module:
 
 
 @needs_ops
+@pytest.mark.parametrize("spec", ["margins", "none"])
 @pytest.mark.parametrize("method", ["crown-ibp", "crown", "wong-kolter"])
-def test_bounds_with_and_without_kernels(monkeypatch, method):
+def test_bounds_with_and_without_kernels(monkeypatch, method, spec):
     """The bounds and their parameter gradients do not depend on which path runs."""
     net = _net()
     x = torch.rand(6, 1, 14, 14, dtype=torch.float64)
-    C = bounds.margin_matrix(torch.arange(6) % 5, 5).double()
+    C = bounds.margin_matrix(torch.arange(6) % 5, 5).double() if spec == "margins" else None
+    fused, real = [], ops.relu_phase_lower
+    monkeypatch.setattr(bounds._ops, "relu_phase_lower", lambda *a: fused.append(1) or real(*a))
 
     def run():
         net.zero_grad()
@@ -339,6 +342,7 @@ def test_bounds_with_and_without_kernels(monkeypatch, method):
         return lower.detach(), [p.grad.clone() for p in net.parameters()], ibp, fast
 
     with_kernels = run()
+    assert fused  # the first layer went through the fused kernel
     monkeypatch.setattr(bounds._ops, "has_bounds_ops", lambda x=None: False)
     without = run()
     assert_close(with_kernels[0], without[0], rtol=1e-10, atol=1e-10)

@@ -3,9 +3,16 @@
 ``relu_lines`` is CROWN's backward step through a ReLU relaxed by per-unit lines (Zhang et al.
 2018): for an A-matrix ``A [B, m, K]`` (m specification rows over K units) and the lines'
 slopes, it returns ``A_in = slope_l * A+ + slope_u * A-`` and the bias ``A- . v_neg + A . v_all``
-[B, m]. ``ibp_relu_`` maps an interval box through a ReLU in place (Gowal et al. 2018). On the
-CPU the compiled kernels do in one pass what ATen ops do in four to eight; elsewhere, and without
-the compiled library, the pure-torch reference below runs (it is also the tests' oracle).
+[B, m]. ``ibp_relu_`` maps an interval box through a ReLU in place (Gowal et al. 2018);
+``crown_lines`` gives the ReLU's relaxation from its interval bounds; ``phase_conv`` and the fused
+``relu_phase_lower`` carry A-matrices through a strided input convolution.
+
+These are CPU kernels: they remove costs particular to the CPU (a branch misprediction per
+element, pages faulted in for every fresh A-sized tensor, permuted copies between layouts, and
+library convolutions that run at a fraction of the core's speed with 4 output channels) and do in
+one pass what ATen ops do in four to eight. On accelerators, and without the compiled library,
+:mod:`torch_dlt.robust.bounds` runs the same steps as torch operations; the references below are
+the tests' oracles.
 """
 
 from __future__ import annotations
