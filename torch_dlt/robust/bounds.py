@@ -680,22 +680,22 @@ def _relu_backward(
         return A_in, bias
     batch = relax.lines(relu)[0].shape[0]
     owned = owned and A.shape[0] == batch and not torch.is_grad_enabled()
-    ops = _relu_operands(A, relax, relu, shift)
-    A, A_flat, v_neg, v_all = ops.A, ops.A_flat, ops.v_neg, ops.v_all
+    operands = _relu_operands(A, relax, relu, shift)
+    A, A_flat, v_neg, v_all = operands.A, operands.A_flat, operands.v_neg, operands.v_all
     lead = A.shape[:2]
     if owned and _ops.has_bounds_ops(A_flat) and A_flat.is_contiguous():
         A_in = A_flat
-        bias = _ops.relu_lines_(A_flat, ops.slope_l, ops.slope_u, v_neg, v_all)
+        bias = _ops.relu_lines_(A_flat, operands.slope_l, operands.slope_u, v_neg, v_all)
     elif owned:
         A_in = A_flat
-        slopes = (ops.slope_l.unsqueeze(1), ops.slope_u.unsqueeze(1))
+        slopes = (operands.slope_l.unsqueeze(1), operands.slope_u.unsqueeze(1))
         bias = _relu_lines(A_flat, *slopes, v_neg, v_all, A_in)
     elif _ops.has_bounds_ops(A_flat):
-        A_in, bias = _ops.relu_lines(A_flat, ops.slope_l, ops.slope_u, v_neg, v_all)
+        A_in, bias = _ops.relu_lines(A_flat, operands.slope_l, operands.slope_u, v_neg, v_all)
     else:
-        slopes = (ops.slope_l.unsqueeze(1), ops.slope_u.unsqueeze(1))
+        slopes = (operands.slope_l.unsqueeze(1), operands.slope_u.unsqueeze(1))
         A_in, bias = _ReluLines.apply(A_flat, *slopes, v_neg, v_all)
-    if ops.channels_last:
+    if operands.channels_last:
         shape = A.shape
         return A_in.view(*lead, shape[3], shape[4], shape[2]).permute(0, 1, 4, 2, 3), bias
     return A_in.view(A.shape), bias
@@ -706,7 +706,7 @@ def _relu_onto_input_conv(
 ) -> Tensor | None:
     """The rest of the backward pass from a ReLU on a strided input convolution, fused: the
     ReLU step, the convolution by its stride phases and the box's minimum in one compiled pass
-    (``torch_dlt.ops.relu_phase_lower``). None where that does not apply."""
+    (``torch_dlt.operands.relu_phase_lower``). None where that does not apply."""
     node = graph.nodes[relu]
     conv = graph.nodes[node.inputs[0]]
     if (
@@ -716,16 +716,25 @@ def _relu_onto_input_conv(
         or not _ops.has_fused_bound(A)
     ):
         return None
-    ops = _relu_operands(A, relax, relu, _layer_bias(graph, node.inputs[0]))
+    operands = _relu_operands(A, relax, relu, _layer_bias(graph, node.inputs[0]))
     m = conv.module
     taps = _phase_taps(m.weight, m.stride)
-    h, w = ops.A.shape[3], ops.A.shape[4]
+    h, w = operands.A.shape[3], operands.A.shape[4]
     rows, cols = h + taps.shape[2] - 1, w + taps.shape[3] - 1
     padding = _conv_padding(m)
     c = _phase_frame(c0, m.stride, padding, rows, cols).reshape(c0.shape[0], -1)
     r = _phase_frame(r0, m.stride, padding, rows, cols).reshape(r0.shape[0], -1)
     return _ops.relu_phase_lower(
-        ops.A_flat, ops.slope_l, ops.slope_u, ops.v_neg, ops.v_all, taps, c, r, h, w
+        operands.A_flat,
+        operands.slope_l,
+        operands.slope_u,
+        operands.v_neg,
+        operands.v_all,
+        taps,
+        c,
+        r,
+        h,
+        w,
     )
 
 
