@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
+from torch_dlt.ops import bounds as bound_ops
 from torch_dlt.robust import bounds
 from torch_dlt.robust.bounds import (
     Normalize,
@@ -603,7 +604,7 @@ def test_relu_lines_gradient_equals_autograd_of_the_relaxation(lines, below):
     if below is not None:
         v_all = torch.randn(1 if below == "shared" else B, K, generator=g, dtype=torch.float64)
         v_all.requires_grad_(True)
-    A_in, bias = bounds._ReluLines.apply(A, slope_l, slope_u, v_neg, v_all)
+    A_in, bias = bound_ops._ReluLines.apply(A, slope_l, slope_u, v_neg, v_all)
     A_neg = A.clamp(max=0)
     want_in = slope_l * A.clamp(min=0) + slope_u * A_neg
     want_bias = (A_neg * v_neg.unsqueeze(1)).sum(-1)

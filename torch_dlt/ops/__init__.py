@@ -25,10 +25,9 @@ if _extension.load():
         from torch_dlt.ops import _hvp_fake
 
         _hvp_fake.register()
-    if hasattr(torch.ops.torch_dlt, "relu_lines"):
-        from torch_dlt.ops import _bounds_fake
+    from torch_dlt.ops import _bounds_fake
 
-        _bounds_fake.register()
+    _bounds_fake.register()
 
 
 def has_ops() -> bool:
@@ -145,7 +144,6 @@ __all__ += [
 from torch_dlt.ops.bounds import (  # noqa: E402  (needs has_ops above)
     crown_lines,
     has_bounds_ops,
-    has_fused_bound,
     ibp_relu_,
     phase_conv,
     relu_lines,
@@ -156,7 +154,6 @@ from torch_dlt.ops.bounds import (  # noqa: E402  (needs has_ops above)
 __all__ += [
     "crown_lines",
     "has_bounds_ops",
-    "has_fused_bound",
     "ibp_relu_",
     "phase_conv",
     "relu_lines",

@@ -10,6 +10,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# The compiled ops of the certified bounds; a library that lacks any of them is not used for them.
+OP_NAMES = (
+    "crown_lines",
+    "relu_lines",
+    "relu_lines_",
+    "ibp_relu_",
+    "phase_conv",
+    "relu_phase_lower",
+)
+
 
 def _relu_lines_fake(A: Tensor, slope_l, slope_u, v_neg, v_all):
     return A.new_empty(A.shape), A.new_empty(A.shape[:2])
@@ -139,31 +149,27 @@ def _crown_lines_backward(ctx, _grad_slope_l, grad_slope_u, grad_icpt_u, _grad_u
 
 
 def register() -> None:
-    """Attach the fake kernels and the autograd formula to the ops of the loaded ``_C``."""
-    torch.library.register_fake("torch_dlt::relu_lines")(_relu_lines_fake)
-    torch.library.register_fake("torch_dlt::relu_lines_")(_relu_lines_in_place_fake)
-    torch.library.register_fake("torch_dlt::relu_lines_backward")(_relu_lines_backward_fake)
-    torch.library.register_fake("torch_dlt::ibp_relu_")(_ibp_relu_fake)
-    torch.library.register_autograd(
-        "torch_dlt::relu_lines", _relu_lines_backward, setup_context=_setup
-    )
-    if hasattr(torch.ops.torch_dlt, "phase_conv"):
-        torch.library.register_fake("torch_dlt::phase_conv")(_phase_conv_fake)
-        torch.library.register_fake("torch_dlt::phase_conv_backward")(_phase_conv_backward_fake)
-        torch.library.register_autograd(
-            "torch_dlt::phase_conv", _phase_conv_backward, setup_context=_phase_setup
-        )
-    if hasattr(torch.ops.torch_dlt, "crown_lines"):
-        torch.library.register_fake("torch_dlt::crown_lines")(_crown_lines_fake)
-        torch.library.register_fake("torch_dlt::crown_lines_backward")(_crown_lines_backward_fake)
-        torch.library.register_autograd(
-            "torch_dlt::crown_lines", _crown_lines_backward, setup_context=_lines_setup
-        )
-    if hasattr(torch.ops.torch_dlt, "relu_phase_lower"):
-        torch.library.register_fake("torch_dlt::relu_phase_lower")(_relu_phase_lower_fake)
-        torch.library.register_fake("torch_dlt::relu_phase_lower_backward")(
-            _relu_phase_lower_backward_fake
-        )
-        torch.library.register_autograd(
-            "torch_dlt::relu_phase_lower", _fused_backward, setup_context=_fused_setup
-        )
+    """Attach the fake kernels and the autograd formulas to the ops of the loaded ``_C``."""
+    if not all(hasattr(torch.ops.torch_dlt, name) for name in OP_NAMES):
+        return  # an older library: torch_dlt.ops.has_bounds_ops() is False, nothing calls them
+    fakes = {
+        "relu_lines": _relu_lines_fake,
+        "relu_lines_": _relu_lines_in_place_fake,
+        "relu_lines_backward": _relu_lines_backward_fake,
+        "ibp_relu_": _ibp_relu_fake,
+        "phase_conv": _phase_conv_fake,
+        "phase_conv_backward": _phase_conv_backward_fake,
+        "crown_lines": _crown_lines_fake,
+        "crown_lines_backward": _crown_lines_backward_fake,
+        "relu_phase_lower": _relu_phase_lower_fake,
+        "relu_phase_lower_backward": _relu_phase_lower_backward_fake,
+    }
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"torch_dlt::{name}")(fake)
+    for name, backward, setup in (
+        ("relu_lines", _relu_lines_backward, _setup),
+        ("phase_conv", _phase_conv_backward, _phase_setup),
+        ("crown_lines", _crown_lines_backward, _lines_setup),
+        ("relu_phase_lower", _fused_backward, _fused_setup),
+    ):
+        torch.library.register_autograd(f"torch_dlt::{name}", backward, setup_context=setup)

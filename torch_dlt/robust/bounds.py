@@ -405,31 +405,13 @@ def _interval_step(node: _Node, c: Tensor, r: Tensor, k: float) -> tuple[Tensor,
         # In place where nothing else reads the input box, and where autograd does not need
         # the ReLU's result: each fresh activation-sized tensor costs a pass of page faults.
         if node.exclusive_input and not torch.is_grad_enabled():
-            if _ops.has_bounds_ops(c) and c.is_contiguous() and r.is_contiguous():
-                return (*_ops.ibp_relu_(c, r), k / 2)
-            return (*_relu_box_in_place(c, r), k / 2)
+            return (*_ops.ibp_relu_(c, r), k / 2)
         upper = (c + r).relu_()
         lower = (c.sub_(r) if node.exclusive_input else c - r).relu_()
         if torch.is_grad_enabled():
             return upper + lower, upper - lower, k / 2
         return upper + lower, upper.sub_(lower), k / 2
     return c, r, k  # identity
-
-
-def _relu_box_in_place(c: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
-    """``(u + l, u - l)`` of ``u = relu(c + r)``, ``l = relu(c - r)``, written over c and r.
-
-    Block by block along the batch, with a scratch block the allocator recycles: no fresh
-    activation-sized tensor (each costs a pass of page faults), the same values as out of place.
-    """
-    step = max(1, _BLOCK_FLOATS // max(1, c[0].numel()))
-    for first in range(0, c.shape[0], step):
-        centre, radius = c[first : first + step], r[first : first + step]
-        upper = (centre + radius).relu_()
-        lower = centre.sub_(radius).relu_()
-        torch.sub(upper, lower, out=radius)
-        lower.add_(upper)
-    return c, r
 
 
 def _forward_intervals(
@@ -498,131 +480,17 @@ class _Relaxation:
 
     def _compute_lines(self, relu: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         lower, upper = self.lower[relu], self.upper[relu]
-        if _ops.has_bounds_ops(lower):
-            # one compiled pass, laid out channels-last on maps like the A-matrices
-            slope_l, slope_u, icpt_u, unstable = _ops.crown_lines(
-                lower, upper, channels_last=lower.dim() == 4 and lower.shape[1] > 1
-            )
-            if self.rule == "wong-kolter":
-                slope_l = slope_u
-            return slope_l, slope_u, icpt_u, unstable
-        unstable = (lower < 0) & (upper > 0)
-        # Masks as 0/1 factors rather than torch.where, which is several times slower on CPU;
-        # the width is 1 on stable units, so no 0/0 reaches the values or the gradients.
-        mask = unstable.to(lower.dtype)
-        active = (lower >= 0).to(lower.dtype)
-        width = (upper - lower).mul_(mask).add_(1.0 - mask)
-        slope_u = torch.addcdiv(active, upper * mask, width)
-        icpt_u = (slope_u * lower).mul_(mask).neg_()
+        # The compiled kernel lays maps out channels-last, the A-matrices' order, for free.
+        channels_last = _ops.has_bounds_ops(lower) and lower.dim() == 4 and lower.shape[1] > 1
+        slope_l, slope_u, icpt_u, unstable = _ops.crown_lines(lower, upper, channels_last)
         if self.rule == "wong-kolter":
             slope_l = slope_u
-        else:
-            slope_l = torch.addcmul(active, mask, (upper > -lower).to(lower.dtype))
         return slope_l, slope_u, icpt_u, unstable
 
 
 def _is_channels_last(A: Tensor) -> bool:
     """Whether A [B or 1, m, C, H, W] is laid out channels-last (see ``_affine_backward``)."""
     return A.dim() == 5 and A.shape[2] > 1 and A.stride(2) == 1
-
-
-# Floats of one example block of the ReLU step's temporaries: small enough to stay in cache and
-# to be recycled by the allocator instead of being page-faulted in afresh at every step.
-_BLOCK_FLOATS = 1 << 18
-
-
-def _relu_lines(
-    A: Tensor, slope_l: Tensor, slope_u: Tensor, v_neg: Tensor, v_all: Tensor | None, A_in: Tensor
-) -> Tensor:
-    """Write ``slope_l A+ + slope_u A-`` into ``A_in`` (which may be A itself) block by block;
-    return the bias ``A- . v_neg + A . v_all`` [B, m] (see ``_ReluLines``)."""
-    batch, rows = A.shape[:2]
-    if v_all is not None:
-        v_all = v_all.expand(batch, -1)
-    bias = A.new_empty(batch, 1, rows)
-    step = max(1, _BLOCK_FLOATS // max(1, A[0].numel()))
-    for first in range(0, batch, step):
-        block = slice(first, first + step)
-        a, out = A[block], A_in[block]
-        a_neg = a.clamp(max=0)
-        # [b, 1, K] @ [b, K, m]: the vector on the left is the fast orientation of bmm
-        torch.bmm(v_neg[block].unsqueeze(1), a_neg.transpose(1, 2), out=bias[block])
-        if v_all is not None:
-            bias[block].baddbmm_(v_all[block].unsqueeze(1), a.transpose(1, 2))
-        if slope_l is slope_u:
-            torch.mul(a, slope_u[block], out=out)
-        else:
-            torch.mul(a, slope_l[block], out=out)
-            out.addcmul_(a_neg, slope_u[block] - slope_l[block])
-    return bias.squeeze(1)
-
-
-class _ReluLines(torch.autograd.Function):
-    """Backward step through a ReLU relaxed by per-unit lines, with a hand-written gradient.
-
-    ``A [B, m, K]``, ``slope_l``, ``slope_u [B, 1, K]`` and the vectors ``v_neg [B, K]``,
-    ``v_all [B or 1, K] | None`` give ``A_in = slope_l A+ + slope_u A-`` (A+, A- the positive and
-    negative parts) and the bias ``A- . v_neg + A . v_all`` [B, m]: ``v_neg`` carries the upper
-    line's intercept, ``v_all`` the bias of the layer below folded in. Autograd of the same
-    expression keeps the clamp's mask, runs ``torch.where`` and sums two gradients of A_in,
-    each slower on CPU than a plain pass and each a fresh A-sized tensor; here both passes go
-    over blocks of examples, so that the only A-sized tensor made is the result.
-    """
-
-    @staticmethod
-    def forward(ctx, A: Tensor, slope_l: Tensor, slope_u: Tensor, v_neg: Tensor, v_all):
-        ctx.same_slopes = slope_l is slope_u
-        ctx.save_for_backward(A, slope_l, slope_u, v_neg, v_all)
-        A_in = torch.empty(A.shape, dtype=A.dtype, device=A.device)
-        return A_in, _relu_lines(A, slope_l, slope_u, v_neg, v_all, A_in)
-
-    @staticmethod
-    def backward(ctx, grad_in: Tensor, grad_bias: Tensor):
-        A, slope_l, slope_u, v_neg, v_all = ctx.saved_tensors
-        need_A, need_l, need_u, need_neg, need_all = ctx.needs_input_grad[:5]
-        same = ctx.same_slopes
-        batch, rows = A.shape[:2]
-        grad_A = torch.empty(A.shape, dtype=A.dtype, device=A.device) if need_A else None
-        grad_l = slope_l.new_empty(slope_l.shape) if need_l and not same else None
-        grad_u = slope_u.new_empty(slope_u.shape) if need_u else None
-        grad_neg = v_neg.new_empty(v_neg.shape) if need_neg else None
-        grad_all = A.new_empty(batch, A.shape[2]) if need_all else None
-        shared_all = v_all
-        if v_all is not None:
-            v_all = v_all.expand(batch, -1)
-        step = max(1, _BLOCK_FLOATS // max(1, A[0].numel()))
-        for first in range(0, batch, step):
-            block = slice(first, first + step)
-            a, g = A[block], grad_in[block]
-            g_bias = grad_bias[block].unsqueeze(1)  # [b, 1, m]
-            a_neg = a.clamp(max=0)
-            # sums over the rows as [b, 1, m] @ [b, m, K], faster than a reduction over dim 1
-            ones = a.new_ones(a.shape[0], 1, rows)
-            if need_u and same:
-                torch.bmm(ones, g * a, out=grad_u[block])
-            elif need_u or need_l:
-                if need_u:
-                    torch.bmm(ones, g * a_neg, out=grad_u[block])
-                if need_l:
-                    torch.bmm(ones, g * a, out=grad_l[block])
-                    if need_u:
-                        grad_l[block] -= grad_u[block]
-            if need_neg:
-                torch.bmm(g_bias, a_neg, out=grad_neg[block].unsqueeze(1))
-            if need_all:
-                torch.bmm(g_bias, a, out=grad_all[block].unsqueeze(1))
-            if need_A:
-                # slope_l and v_all everywhere, plus (slope_u - slope_l) and v_neg where A < 0
-                out = grad_A[block]
-                torch.mul(g_bias.transpose(1, 2), v_neg[block].unsqueeze(1), out=out)
-                if not same:
-                    out.addcmul_(g, slope_u[block] - slope_l[block])
-                out.mul_(a_neg.sign_().neg_()).addcmul_(g, slope_l[block])
-                if v_all is not None:
-                    out.addcmul_(g_bias.transpose(1, 2), v_all[block].unsqueeze(1))
-        if need_all and grad_all.shape[0] > shared_all.shape[0]:
-            grad_all = grad_all.sum(0, keepdim=True)
-        return grad_A, grad_l, grad_u, grad_neg, grad_all
 
 
 @dataclass
@@ -683,18 +551,11 @@ def _relu_backward(
     operands = _relu_operands(A, relax, relu, shift)
     A, A_flat, v_neg, v_all = operands.A, operands.A_flat, operands.v_neg, operands.v_all
     lead = A.shape[:2]
-    if owned and _ops.has_bounds_ops(A_flat) and A_flat.is_contiguous():
+    if owned:
         A_in = A_flat
         bias = _ops.relu_lines_(A_flat, operands.slope_l, operands.slope_u, v_neg, v_all)
-    elif owned:
-        A_in = A_flat
-        slopes = (operands.slope_l.unsqueeze(1), operands.slope_u.unsqueeze(1))
-        bias = _relu_lines(A_flat, *slopes, v_neg, v_all, A_in)
-    elif _ops.has_bounds_ops(A_flat):
-        A_in, bias = _ops.relu_lines(A_flat, operands.slope_l, operands.slope_u, v_neg, v_all)
     else:
-        slopes = (operands.slope_l.unsqueeze(1), operands.slope_u.unsqueeze(1))
-        A_in, bias = _ReluLines.apply(A_flat, *slopes, v_neg, v_all)
+        A_in, bias = _ops.relu_lines(A_flat, operands.slope_l, operands.slope_u, v_neg, v_all)
     if operands.channels_last:
         shape = A.shape
         return A_in.view(*lead, shape[3], shape[4], shape[2]).permute(0, 1, 4, 2, 3), bias
@@ -713,17 +574,14 @@ def _relu_onto_input_conv(
         relu in relax.alpha
         or not node.exclusive_input
         or not _is_channels_last(A)
-        or not _ops.has_fused_bound(A)
+        or not _ops.has_bounds_ops(A)
     ):
         return None
     operands = _relu_operands(A, relax, relu, _layer_bias(graph, node.inputs[0]))
     m = conv.module
     taps = _phase_taps(m.weight, m.stride)
     h, w = operands.A.shape[3], operands.A.shape[4]
-    rows, cols = h + taps.shape[2] - 1, w + taps.shape[3] - 1
-    padding = _conv_padding(m)
-    c = _phase_frame(c0, m.stride, padding, rows, cols).reshape(c0.shape[0], -1)
-    r = _phase_frame(r0, m.stride, padding, rows, cols).reshape(r0.shape[0], -1)
+    c, r = _box_frames(m, c0, r0, h + taps.shape[2] - 1, w + taps.shape[3] - 1)
     return _ops.relu_phase_lower(
         operands.A_flat,
         operands.slope_l,
@@ -898,6 +756,15 @@ def _phase_frame(x: Tensor, stride, padding, rows: int, cols: int) -> Tensor:
     return frame.permute(0, 2, 4, 3, 5, 1)
 
 
+def _box_frames(
+    m: nn.Conv2d, c0: Tensor, r0: Tensor, rows: int, cols: int
+) -> tuple[Tensor, Tensor]:
+    """The input box's centre and radius in the phases' frame of ``m``, flat [B, rows cols P]."""
+    padding = _conv_padding(m)
+    frames = (_phase_frame(t, m.stride, padding, rows, cols) for t in (c0, r0))
+    return tuple(frame.reshape(c0.shape[0], -1) for frame in frames)
+
+
 def _transposed_conv_by_phases(
     A: Tensor, weight: Tensor, stride, padding, out_hw: tuple[int, int]
 ) -> Tensor:
@@ -975,9 +842,7 @@ def _concretize_conv(node: _Node, A: Tensor, c0: Tensor, r0: Tensor) -> Tensor:
     A_in = phases.permute(0, 2, 3, 1).reshape(*lead, -1)  # a view when channels-last
     if A_in.shape[0] < c0.shape[0]:
         A_in = A_in.expand(c0.shape[0], -1, -1)
-    padding = _conv_padding(m)
-    c = _phase_frame(c0, m.stride, padding, rows, cols).reshape(c0.shape[0], -1)
-    r = _phase_frame(r0, m.stride, padding, rows, cols).reshape(r0.shape[0], -1)
+    c, r = _box_frames(m, c0, r0, rows, cols)
     if torch.is_grad_enabled() or A_in.stride(0) == 0:
         return _Concretize.apply(A_in, c, r)
     # without autograd the phases, a fresh tensor, take their magnitude in place
@@ -1042,22 +907,11 @@ def _backward_pass(
                     pending[source] = A
             continue
         source = node.inputs[0]
-        if (
-            node.kind == "conv"
-            and graph.nodes[source].kind == "input"
-            and not pending
-            and _by_phases(node.module)
-        ):
+        if not pending and _input_conv_by_phases(graph, index):
             with_bias = node.module.bias is not None and index not in folded
             b = A.sum((-2, -1)).matmul(node.module.bias) if with_bias else 0
             return _concretize_conv(node, A, c0, r0) + (bias + b)
-        if (
-            node.kind == "relu"
-            and not pending
-            and graph.nodes[source].kind == "conv"
-            and graph.nodes[graph.nodes[source].inputs[0]].kind == "input"
-            and _by_phases(graph.nodes[source].module)
-        ):
+        if not pending and node.kind == "relu" and _input_conv_by_phases(graph, source):
             found = _relu_onto_input_conv(graph, index, A, relax, c0, r0)
             if found is not None:
                 return found + bias
@@ -1078,6 +932,16 @@ def _backward_pass(
         if node.kind not in ("identity", "flatten") or index in owned:
             owned.add(source)  # a fresh result, or a view of an owned one
     raise AssertionError("the backward pass never reached the input")  # pragma: no cover
+
+
+def _input_conv_by_phases(graph: _Graph, index: int) -> bool:
+    """Whether node ``index`` is a convolution of the input that CROWN passes by its phases."""
+    node = graph.nodes[index]
+    return (
+        node.kind == "conv"
+        and graph.nodes[node.inputs[0]].kind == "input"
+        and _by_phases(node.module)
+    )
 
 
 def _layer_bias(graph: _Graph, index: int) -> Tensor | None:
