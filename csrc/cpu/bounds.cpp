@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "bounds.h"
 
@@ -27,76 +28,30 @@ using namespace bounds_rows;
 constexpr int64_t kTile = 512;    // columns per tile of the gradient: its 8 vectors stay in L1
 constexpr int64_t kGrain = 32768; // elements per parallel task
 
-// Geometry of A [B, m, K] and of the [B or 1, K] vectors.
-struct Lines {
-  int64_t batch, rows, cols;
-};
-
-// t with unit stride along its last dimension and, for A, rows K apart; the batch stride may
-// be anything (0 for an expanded tensor).
-at::Tensor rows_contiguous(const at::Tensor& t) {
-  const int64_t d = t.dim();
-  bool ok = t.stride(d - 1) == 1 || t.size(d - 1) <= 1;
-  if (d == 3) ok = ok && (t.stride(1) == t.size(2) || t.size(1) <= 1);
-  return ok ? t : t.contiguous();
-}
-
-int64_t batch_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.stride(0); }
-
-Lines check_lines(const char* op, const at::Tensor& A, const at::Tensor& slope_l,
-                  const at::Tensor& slope_u, const at::Tensor& v_neg,
-                  const c10::optional<at::Tensor>& v_all) {
-  TORCH_CHECK(A.dim() == 3, "torch_dlt::", op, ": A must be [B, m, K], got ", A.sizes());
-  TORCH_CHECK(A.device().is_cpu(), "torch_dlt::", op, ": tensors must be on the CPU");
-  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
-              "torch_dlt::", op, ": A must be float32 or float64, got ", A.scalar_type());
-  const Lines s{A.size(0), A.size(1), A.size(2)};
-  auto check_vector = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.dim() == 2 && (t.size(0) == s.batch || t.size(0) == 1) && t.size(1) == s.cols,
-                "torch_dlt::", op, ": ", name, " must be [B or 1, K] = [", s.batch, " or 1, ",
-                s.cols, "], got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == A.scalar_type() && t.device() == A.device(), "torch_dlt::", op,
-                ": ", name, " must have A's dtype and device");
-  };
-  check_vector(slope_l, "slope_l");
-  check_vector(slope_u, "slope_u");
-  check_vector(v_neg, "v_neg");
-  if (v_all.has_value()) check_vector(*v_all, "v_all");
-  return s;
-}
-
-// out == nullptr: A_in is written over A (whose batch stride is then m K).
+// out == nullptr: A_in is written over A (contiguous), each row through a buffer.
 template <typename T, bool kAll>
-void lines_forward(const Lines& s, T* A, int64_t sa, const T* sl, int64_t ssl, const T* su,
-                   int64_t ssu, const T* vn, int64_t svn, const T* va, int64_t sva, T* out,
-                   T* bias) {
+void lines_forward(const Lines& s, T* A, int64_t sa, const LineRows<T>& v, T* out, T* bias) {
   const int64_t K = s.cols;
   at::parallel_for(0, s.batch * s.rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(K, 1)),
                    [&](int64_t begin, int64_t end) {
+    std::vector<T> buffer(out == nullptr ? K : 0);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / s.rows, i = row % s.rows;
-      const T* v = kAll ? va + b * sva : nullptr;
-      bias[row] = out == nullptr
-                      ? forward_row_in_place<T, kAll>(K, A + b * sa + i * K, sl + b * ssl,
-                                                      su + b * ssu, vn + b * svn, v)
-                      : forward_row<T, kAll>(K, A + b * sa + i * K, sl + b * ssl, su + b * ssu,
-                                             vn + b * svn, v, out + row * K);
+      T* a = A + b * sa + i * K;
+      T* o = out == nullptr ? buffer.data() : out + row * K;
+      bias[row] = forward_row<T, kAll>(K, a, v.l(b), v.u(b), v.n(b), v.v(b), o);
+      if (out == nullptr) std::copy(o, o + K, a);
     }
   });
 }
 
 template <typename T, bool kAll>
-void lines_backward(const Lines& s, const T* G, const T* GB, const T* A, int64_t sa, const T* sl,
-                    int64_t ssl, const T* su, int64_t ssu, const T* vn, int64_t svn, const T* va,
-                    int64_t sva, T* gA, T* gl, T* gu, T* gn, T* gv) {
+void lines_backward(const Lines& s, const T* G, const T* GB, const T* A, int64_t sa,
+                    const LineRows<T>& v, T* gA, T* gl, T* gu, T* gn, T* gv) {
   const int64_t K = s.cols, m = s.rows;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(K * m, 1));
   at::parallel_for(0, s.batch, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const T* l = sl + b * ssl;
-      const T* u = su + b * ssu;
-      const T* n = vn + b * svn;
-      const T* v = kAll ? va + b * sva : nullptr;
       T* out_l = gl + b * K;
       T* out_u = gu + b * K;
       T* out_n = gn + b * K;
@@ -109,63 +64,53 @@ void lines_backward(const Lines& s, const T* G, const T* GB, const T* A, int64_t
         const int64_t k1 = std::min(K, k0 + kTile);
         for (int64_t i = 0; i < m; ++i) {
           backward_row<T, kAll>(k0, k1, GB[b * m + i], A + b * sa + i * K, G + (b * m + i) * K,
-                                l, u, n, v, gA + (b * m + i) * K, out_l, out_u, out_n, out_v);
+                                v.l(b), v.u(b), v.n(b), v.v(b), gA + (b * m + i) * K, out_l,
+                                out_u, out_n, out_v);
         }
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> relu_lines_cpu(const at::Tensor& A_, const at::Tensor& slope_l_,
-                                                  const at::Tensor& slope_u_,
-                                                  const at::Tensor& v_neg_,
-                                                  const c10::optional<at::Tensor>& v_all_) {
-  const Lines s = check_lines("relu_lines", A_, slope_l_, slope_u_, v_neg_, v_all_);
-  const at::Tensor A = rows_contiguous(A_), slope_l = rows_contiguous(slope_l_),
-                   slope_u = rows_contiguous(slope_u_), v_neg = rows_contiguous(v_neg_);
-  const at::Tensor v_all = v_all_.has_value() ? rows_contiguous(*v_all_) : at::Tensor();
-  at::Tensor out = at::empty({s.batch, s.rows, s.cols}, A.options());
+// relu_lines into out, or over A (contiguous) when out is undefined; returns the bias.
+at::Tensor lines_forward_into(const Lines& s, const at::Tensor& A, const LineVectors& vectors,
+                              const at::Tensor& out) {
   at::Tensor bias = at::empty({s.batch, s.rows}, A.options());
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "relu_lines_cpu", [&] {
-    auto kernel = v_all.defined() ? lines_forward<scalar_t, true> : lines_forward<scalar_t, false>;
-    kernel(
-        s, const_cast<scalar_t*>(A.const_data_ptr<scalar_t>()), batch_stride(A),
-        slope_l.data_ptr<scalar_t>(),
-        batch_stride(slope_l), slope_u.data_ptr<scalar_t>(), batch_stride(slope_u),
-        v_neg.data_ptr<scalar_t>(), batch_stride(v_neg),
-        v_all.defined() ? v_all.data_ptr<scalar_t>() : nullptr,
-        v_all.defined() ? batch_stride(v_all) : 0, out.data_ptr<scalar_t>(),
-        bias.data_ptr<scalar_t>());
-  });
-  return {out, bias};
-}
-
-at::Tensor relu_lines_in_place_cpu(const at::Tensor& A, const at::Tensor& slope_l_,
-                                   const at::Tensor& slope_u_, const at::Tensor& v_neg_,
-                                   const c10::optional<at::Tensor>& v_all_) {
-  const Lines s = check_lines("relu_lines_", A, slope_l_, slope_u_, v_neg_, v_all_);
-  TORCH_CHECK(A.is_contiguous(), "torch_dlt::relu_lines_: A must be contiguous (it is written "
-              "in place)");
-  const at::Tensor slope_l = rows_contiguous(slope_l_), slope_u = rows_contiguous(slope_u_),
-                   v_neg = rows_contiguous(v_neg_);
-  const at::Tensor v_all = v_all_.has_value() ? rows_contiguous(*v_all_) : at::Tensor();
-  at::Tensor bias = at::empty({s.batch, s.rows}, A.options());
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "relu_lines_in_place_cpu", [&] {
-    auto kernel = v_all.defined() ? lines_forward<scalar_t, true> : lines_forward<scalar_t, false>;
-    kernel(s, A.data_ptr<scalar_t>(), s.rows * s.cols, slope_l.data_ptr<scalar_t>(),
-           batch_stride(slope_l), slope_u.data_ptr<scalar_t>(), batch_stride(slope_u),
-           v_neg.data_ptr<scalar_t>(), batch_stride(v_neg),
-           v_all.defined() ? v_all.data_ptr<scalar_t>() : nullptr,
-           v_all.defined() ? batch_stride(v_all) : 0, nullptr, bias.data_ptr<scalar_t>());
+    auto kernel =
+        vectors.has_all() ? lines_forward<scalar_t, true> : lines_forward<scalar_t, false>;
+    kernel(s, const_cast<scalar_t*>(A.const_data_ptr<scalar_t>()), batch_stride(A),
+           vectors.rows<scalar_t>(), out.defined() ? out.data_ptr<scalar_t>() : nullptr,
+           bias.data_ptr<scalar_t>());
   });
   return bias;
 }
 
+std::tuple<at::Tensor, at::Tensor> relu_lines_cpu(const at::Tensor& A_, const at::Tensor& slope_l,
+                                                  const at::Tensor& slope_u,
+                                                  const at::Tensor& v_neg,
+                                                  const c10::optional<at::Tensor>& v_all) {
+  const Lines s = check_lines("relu_lines", A_, slope_l, slope_u, v_neg, v_all);
+  const at::Tensor A = rows_contiguous(A_);
+  at::Tensor out = at::empty({s.batch, s.rows, s.cols}, A.options());
+  at::Tensor bias = lines_forward_into(s, A, LineVectors(slope_l, slope_u, v_neg, v_all), out);
+  return {out, bias};
+}
+
+at::Tensor relu_lines_in_place_cpu(const at::Tensor& A, const at::Tensor& slope_l,
+                                   const at::Tensor& slope_u, const at::Tensor& v_neg,
+                                   const c10::optional<at::Tensor>& v_all) {
+  const Lines s = check_lines("relu_lines_", A, slope_l, slope_u, v_neg, v_all);
+  TORCH_CHECK(A.is_contiguous(), "torch_dlt::relu_lines_: A must be contiguous (it is written "
+              "in place)");
+  return lines_forward_into(s, A, LineVectors(slope_l, slope_u, v_neg, v_all), at::Tensor());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_lines_backward_cpu(
     const at::Tensor& grad_in_, const at::Tensor& grad_bias_, const at::Tensor& A_,
-    const at::Tensor& slope_l_, const at::Tensor& slope_u_, const at::Tensor& v_neg_,
-    const c10::optional<at::Tensor>& v_all_) {
-  const Lines s = check_lines("relu_lines_backward", A_, slope_l_, slope_u_, v_neg_, v_all_);
+    const at::Tensor& slope_l, const at::Tensor& slope_u, const at::Tensor& v_neg,
+    const c10::optional<at::Tensor>& v_all) {
+  const Lines s = check_lines("relu_lines_backward", A_, slope_l, slope_u, v_neg, v_all);
   TORCH_CHECK(grad_in_.sizes() == at::IntArrayRef({s.batch, s.rows, s.cols}),
               "torch_dlt::relu_lines_backward: grad_in must be [B, m, K] = ", A_.sizes(), ", got ",
               grad_in_.sizes());
@@ -176,9 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_line
                   grad_bias_.scalar_type() == A_.scalar_type(),
               "torch_dlt::relu_lines_backward: gradients must have A's dtype");
   const at::Tensor G = grad_in_.contiguous(), GB = grad_bias_.contiguous();
-  const at::Tensor A = rows_contiguous(A_), slope_l = rows_contiguous(slope_l_),
-                   slope_u = rows_contiguous(slope_u_), v_neg = rows_contiguous(v_neg_);
-  const at::Tensor v_all = v_all_.has_value() ? rows_contiguous(*v_all_) : at::Tensor();
+  const at::Tensor A = rows_contiguous(A_);
+  const LineVectors vectors(slope_l, slope_u, v_neg, v_all);
   at::Tensor grad_A = at::empty({s.batch, s.rows, s.cols}, A.options());
   at::Tensor grad_l = at::empty({s.batch, s.cols}, A.options());
   at::Tensor grad_u = at::empty({s.batch, s.cols}, A.options());
@@ -186,15 +130,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_line
   at::Tensor grad_v = at::empty({s.batch, s.cols}, A.options());
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "relu_lines_backward_cpu", [&] {
     auto kernel =
-        v_all.defined() ? lines_backward<scalar_t, true> : lines_backward<scalar_t, false>;
-    kernel(
-        s, G.data_ptr<scalar_t>(), GB.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-        batch_stride(A), slope_l.data_ptr<scalar_t>(), batch_stride(slope_l),
-        slope_u.data_ptr<scalar_t>(), batch_stride(slope_u), v_neg.data_ptr<scalar_t>(),
-        batch_stride(v_neg), v_all.defined() ? v_all.data_ptr<scalar_t>() : nullptr,
-        v_all.defined() ? batch_stride(v_all) : 0, grad_A.data_ptr<scalar_t>(),
-        grad_l.data_ptr<scalar_t>(), grad_u.data_ptr<scalar_t>(), grad_n.data_ptr<scalar_t>(),
-        grad_v.data_ptr<scalar_t>());
+        vectors.has_all() ? lines_backward<scalar_t, true> : lines_backward<scalar_t, false>;
+    kernel(s, G.data_ptr<scalar_t>(), GB.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+           batch_stride(A), vectors.rows<scalar_t>(), grad_A.data_ptr<scalar_t>(),
+           grad_l.data_ptr<scalar_t>(), grad_u.data_ptr<scalar_t>(), grad_n.data_ptr<scalar_t>(),
+           grad_v.data_ptr<scalar_t>());
   });
   return {grad_A, grad_l, grad_u, grad_n, grad_v};
 }

@@ -448,9 +448,8 @@ void phase_row_backward(const PhaseShape& s, const T* gph, const T* buf, const T
 }
 
 template <typename T, bool kAll>
-void fused_forward(const Fused& f, const T* A, int64_t sa, const T* sl, int64_t ssl, const T* su,
-                   int64_t ssu, const T* vn, int64_t svn, const T* va, int64_t sva, const T* W,
-                   const T* cf, const T* rf, T* lower, T* phases) {
+void fused_forward(const Fused& f, const T* A, int64_t sa, const bounds_rows::LineRows<T>& v,
+                   const T* W, const T* cf, const T* rf, T* lower, T* phases) {
   at::parallel_for(0, f.batch, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> buf(f.K);
     for (int64_t b = b0; b < b1; ++b) {
@@ -458,9 +457,8 @@ void fused_forward(const Fused& f, const T* A, int64_t sa, const T* sl, int64_t 
       const T* r = rf + b * f.R;
       for (int64_t i = 0; i < f.rows_m; ++i) {
         const int64_t n = b * f.rows_m + i;
-        const T bias = bounds_rows::forward_row<T, kAll>(
-            f.K, A + b * sa + i * f.K, sl + b * ssl, su + b * ssu, vn + b * svn,
-            kAll ? va + b * sva : nullptr, buf.data());
+        const T bias = bounds_rows::forward_row<T, kAll>(f.K, A + b * sa + i * f.K, v.l(b),
+                                                         v.u(b), v.n(b), v.v(b), buf.data());
         T* ph = phases + n * f.R;
         phase_row_forward<T>(f.s, buf.data(), W, ph);
         T acc[bounds_rows::kLanes] = {};
@@ -477,40 +475,26 @@ void fused_forward(const Fused& f, const T* A, int64_t sa, const T* sl, int64_t 
   });
 }
 
+// Gradients of example b are accumulated in place: gl, gu, gn, gv [B, K], gcf, grf [B, R] and
+// gW_partial [B, taps] start at zero.
 template <typename T, bool kAll>
-void fused_backward(const Fused& f, const T* G, const T* A, int64_t sa, const T* sl, int64_t ssl,
-                    const T* su, int64_t ssu, const T* vn, int64_t svn, const T* va, int64_t sva,
-                    const T* W, const T* cf, const T* rf, const T* phases, T* gA, T* gl, T* gu,
-                    T* gn, T* gv, T* gW_partial, T* gcf, T* grf) {
+void fused_backward(const Fused& f, const T* G, const T* A, int64_t sa,
+                    const bounds_rows::LineRows<T>& v, const T* W, const T* cf, const T* rf,
+                    const T* phases, T* gA, T* gl, T* gu, T* gn, T* gv, T* gW_partial, T* gcf,
+                    T* grf) {
   const int64_t taps = f.s.th * f.s.tw * f.s.p * f.s.c;
   at::parallel_for(0, f.batch, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> buf(f.K), gbuf(f.K), gph(f.R);
     for (int64_t b = b0; b < b1; ++b) {
-      const T* l = sl + b * ssl;
-      const T* u = su + b * ssu;
-      const T* nv = vn + b * svn;
-      const T* v = kAll ? va + b * sva : nullptr;
       const T* c = cf + b * f.R;
       const T* r = rf + b * f.R;
-      T* out_l = gl + b * f.K;
-      T* out_u = gu + b * f.K;
-      T* out_n = gn + b * f.K;
-      T* out_v = gv + b * f.K;
       T* out_c = gcf + b * f.R;
       T* out_r = grf + b * f.R;
-      std::fill(out_l, out_l + f.K, T(0));
-      std::fill(out_u, out_u + f.K, T(0));
-      std::fill(out_n, out_n + f.K, T(0));
-      std::fill(out_v, out_v + f.K, T(0));
-      std::fill(out_c, out_c + f.R, T(0));
-      std::fill(out_r, out_r + f.R, T(0));
-      T* gW = gW_partial + b * taps;
-      std::fill(gW, gW + taps, T(0));
       for (int64_t i = 0; i < f.rows_m; ++i) {
         const int64_t n = b * f.rows_m + i;
         const T g = G[n];
         const T* a = A + b * sa + i * f.K;
-        bounds_rows::forward_row<T, kAll>(f.K, a, l, u, nv, v, buf.data());
+        bounds_rows::forward_row<T, kAll>(f.K, a, v.l(b), v.u(b), v.n(b), v.v(b), buf.data());
         const T* ph = phases + n * f.R;
         for (int64_t k = 0; k < f.R; ++k) {
           const T sign = T(ph[k] > T(0)) - T(ph[k] < T(0));
@@ -518,37 +502,30 @@ void fused_backward(const Fused& f, const T* G, const T* A, int64_t sa, const T*
           out_c[k] += g * ph[k];
           out_r[k] -= g * std::abs(ph[k]);
         }
-        phase_row_backward<T>(f.s, gph.data(), buf.data(), W, gbuf.data(), gW);
-        bounds_rows::backward_row<T, kAll>(0, f.K, g, a, gbuf.data(), l, u, nv, v,
-                                           gA + n * f.K, out_l, out_u, out_n, out_v);
+        phase_row_backward<T>(f.s, gph.data(), buf.data(), W, gbuf.data(), gW_partial + b * taps);
+        bounds_rows::backward_row<T, kAll>(0, f.K, g, a, gbuf.data(), v.l(b), v.u(b), v.n(b),
+                                           v.v(b), gA + n * f.K, gl + b * f.K, gu + b * f.K,
+                                           gn + b * f.K, gv + b * f.K);
       }
     }
   });
 }
 
-at::Tensor rows_of(const at::Tensor& t) {
-  const bool ok = t.stride(-1) == 1 && (t.dim() < 3 || t.stride(1) == t.size(2) || t.size(1) <= 1);
-  return ok ? t : t.contiguous();
-}
-
-int64_t stride0(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.stride(0); }
-
 std::tuple<at::Tensor, at::Tensor> relu_phase_lower_cpu(
-    const at::Tensor& A_, const at::Tensor& slope_l_, const at::Tensor& slope_u_,
-    const at::Tensor& v_neg_, const c10::optional<at::Tensor>& v_all_, const at::Tensor& taps,
-    const at::Tensor& c_frame_, const at::Tensor& r_frame_, int64_t h, int64_t w) {
-  const Fused f = check_fused(A_, taps, c_frame_, r_frame_, h, w);
-  const at::Tensor A = rows_of(A_), sl = rows_of(slope_l_), su = rows_of(slope_u_),
-                   vn = rows_of(v_neg_), cf = c_frame_.contiguous(), rf = r_frame_.contiguous();
-  const at::Tensor va = v_all_.has_value() ? rows_of(*v_all_) : at::Tensor();
-  const at::Tensor W = taps_by_position(taps);
+    const at::Tensor& A_, const at::Tensor& slope_l, const at::Tensor& slope_u,
+    const at::Tensor& v_neg, const c10::optional<at::Tensor>& v_all, const at::Tensor& taps,
+    const at::Tensor& c_frame, const at::Tensor& r_frame, int64_t h, int64_t w) {
+  bounds_rows::check_lines("relu_phase_lower", A_, slope_l, slope_u, v_neg, v_all);
+  const Fused f = check_fused(A_, taps, c_frame, r_frame, h, w);
+  const at::Tensor A = bounds_rows::rows_contiguous(A_), cf = c_frame.contiguous(),
+                   rf = r_frame.contiguous(), W = taps_by_position(taps);
+  const bounds_rows::LineVectors vectors(slope_l, slope_u, v_neg, v_all);
   at::Tensor lower = at::empty({f.batch, f.rows_m}, A.options());
   at::Tensor phases = at::empty({f.batch, f.rows_m, f.R}, A.options());
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "relu_phase_lower_cpu", [&] {
-    auto kernel = va.defined() ? fused_forward<scalar_t, true> : fused_forward<scalar_t, false>;
-    kernel(f, A.data_ptr<scalar_t>(), stride0(A), sl.data_ptr<scalar_t>(), stride0(sl),
-           su.data_ptr<scalar_t>(), stride0(su), vn.data_ptr<scalar_t>(), stride0(vn),
-           va.defined() ? va.data_ptr<scalar_t>() : nullptr, va.defined() ? stride0(va) : 0,
+    auto kernel =
+        vectors.has_all() ? fused_forward<scalar_t, true> : fused_forward<scalar_t, false>;
+    kernel(f, A.data_ptr<scalar_t>(), bounds_rows::batch_stride(A), vectors.rows<scalar_t>(),
            W.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(), rf.data_ptr<scalar_t>(),
            lower.data_ptr<scalar_t>(), phases.data_ptr<scalar_t>());
   });
@@ -556,31 +533,30 @@ std::tuple<at::Tensor, at::Tensor> relu_phase_lower_cpu(
 }
 
 std::vector<at::Tensor> relu_phase_lower_backward_cpu(
-    const at::Tensor& grad_, const at::Tensor& A_, const at::Tensor& slope_l_,
-    const at::Tensor& slope_u_, const at::Tensor& v_neg_, const c10::optional<at::Tensor>& v_all_,
-    const at::Tensor& taps, const at::Tensor& c_frame_, const at::Tensor& r_frame_,
+    const at::Tensor& grad_, const at::Tensor& A_, const at::Tensor& slope_l,
+    const at::Tensor& slope_u, const at::Tensor& v_neg, const c10::optional<at::Tensor>& v_all,
+    const at::Tensor& taps, const at::Tensor& c_frame, const at::Tensor& r_frame,
     const at::Tensor& phases_, int64_t h, int64_t w) {
-  const Fused f = check_fused(A_, taps, c_frame_, r_frame_, h, w);
+  bounds_rows::check_lines("relu_phase_lower_backward", A_, slope_l, slope_u, v_neg, v_all);
+  const Fused f = check_fused(A_, taps, c_frame, r_frame, h, w);
   TORCH_CHECK(grad_.sizes() == at::IntArrayRef({f.batch, f.rows_m}),
               "torch_dlt::relu_phase_lower_backward: grad must be [B, m], got ", grad_.sizes());
-  const at::Tensor G = grad_.contiguous(), A = rows_of(A_), sl = rows_of(slope_l_),
-                   su = rows_of(slope_u_), vn = rows_of(v_neg_), cf = c_frame_.contiguous(),
-                   rf = r_frame_.contiguous(), ph = phases_.contiguous();
-  const at::Tensor va = v_all_.has_value() ? rows_of(*v_all_) : at::Tensor();
-  const at::Tensor W = taps_by_position(taps);
+  const at::Tensor G = grad_.contiguous(), A = bounds_rows::rows_contiguous(A_),
+                   cf = c_frame.contiguous(), rf = r_frame.contiguous(),
+                   ph = phases_.contiguous(), W = taps_by_position(taps);
+  const bounds_rows::LineVectors vectors(slope_l, slope_u, v_neg, v_all);
   auto opts = A.options();
   at::Tensor gA = at::empty({f.batch, f.rows_m, f.K}, opts);
-  at::Tensor gl = at::empty({f.batch, f.K}, opts), gu = at::empty({f.batch, f.K}, opts);
-  at::Tensor gn = at::empty({f.batch, f.K}, opts), gv = at::empty({f.batch, f.K}, opts);
-  at::Tensor gcf = at::empty({f.batch, f.R}, opts), grf = at::empty({f.batch, f.R}, opts);
+  at::Tensor gl = at::zeros({f.batch, f.K}, opts), gu = at::zeros({f.batch, f.K}, opts);
+  at::Tensor gn = at::zeros({f.batch, f.K}, opts), gv = at::zeros({f.batch, f.K}, opts);
+  at::Tensor gcf = at::zeros({f.batch, f.R}, opts), grf = at::zeros({f.batch, f.R}, opts);
   // one grad_taps partial sum per example, added in a fixed order: deterministic
-  at::Tensor partial = at::empty({f.batch, f.s.th, f.s.tw, f.s.p, f.s.c}, opts);
+  at::Tensor partial = at::zeros({f.batch, f.s.th, f.s.tw, f.s.p, f.s.c}, opts);
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "relu_phase_lower_backward_cpu", [&] {
-    auto kernel = va.defined() ? fused_backward<scalar_t, true> : fused_backward<scalar_t, false>;
-    kernel(f, G.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), stride0(A), sl.data_ptr<scalar_t>(),
-           stride0(sl), su.data_ptr<scalar_t>(), stride0(su), vn.data_ptr<scalar_t>(),
-           stride0(vn), va.defined() ? va.data_ptr<scalar_t>() : nullptr,
-           va.defined() ? stride0(va) : 0, W.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(),
+    auto kernel =
+        vectors.has_all() ? fused_backward<scalar_t, true> : fused_backward<scalar_t, false>;
+    kernel(f, G.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), bounds_rows::batch_stride(A),
+           vectors.rows<scalar_t>(), W.data_ptr<scalar_t>(), cf.data_ptr<scalar_t>(),
            rf.data_ptr<scalar_t>(), ph.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(),
            gl.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>(), gn.data_ptr<scalar_t>(),
            gv.data_ptr<scalar_t>(), partial.data_ptr<scalar_t>(), gcf.data_ptr<scalar_t>(),
