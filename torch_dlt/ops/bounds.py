@@ -62,7 +62,7 @@ def crown_lines_reference(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor,
     active = (lower >= 0).to(lower.dtype)
     width = (upper - lower).mul_(mask).add_(1.0 - mask)
     slope_u = torch.addcdiv(active, upper * mask, width)
-    icpt_u = (slope_u * lower).mul_(mask).neg_()
+    icpt_u = (slope_u * lower).mul_(mask).neg_().add_(0.0)  # + 0: no -0 on stable units
     slope_l = torch.addcmul(active, mask, (upper > -lower).to(lower.dtype))
     return slope_l, slope_u, icpt_u, unstable
 
