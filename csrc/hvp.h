@@ -139,6 +139,15 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
                                        at::TensorList params,
                                        const c10::List<std::optional<at::Tensor>>& directions,
                                        at::IntArrayRef program, at::ArrayRef<double> constants,
-                                       int64_t loss, int64_t reduction, bool ggn);
+                                       int64_t loss, int64_t reduction, bool ggn,
+                                       at::TensorList primal);
+
+// The primal pass sequential_hvp can reuse across calls with the same inputs and params: every
+// layer's output, then (gradients) the loss gradient with respect to each; empty tensors where
+// the output is a view of the layer's input (Flatten).
+std::vector<at::Tensor> sequential_primal(const at::Tensor& inputs, const at::Tensor& targets,
+                                          at::TensorList params, at::IntArrayRef program,
+                                          at::ArrayRef<double> constants, int64_t loss,
+                                          int64_t reduction, bool gradients);
 
 }  // namespace torch_dlt

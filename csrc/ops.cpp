@@ -34,9 +34,16 @@ TORCH_LIBRARY(torch_dlt, m) {
       "(Tensor grad, Tensor hz)");
   // H V (ggn=False) or G V (ggn=True) of loss(program(inputs), targets) with respect to the params
   // that have a direction [k, *param.shape]; one result per params entry (empty where none).
+  // primal: [] or sequential_primal's result for the same inputs, targets and params, which
+  // spares the forward and the backward of the gradient.
   m.def(
       "sequential_hvp(Tensor inputs, Tensor targets, Tensor[] params, Tensor?[] directions, "
-      "int[] program, float[] constants, int loss, int reduction, bool ggn) -> Tensor[]");
+      "int[] program, float[] constants, int loss, int reduction, bool ggn, Tensor[] primal) -> "
+      "Tensor[]");
+  // The layers' outputs and (gradients) the loss gradient at each; empty tensors for Flatten's.
+  m.def(
+      "sequential_primal(Tensor inputs, Tensor targets, Tensor[] params, int[] program, "
+      "float[] constants, int loss, int reduction, bool gradients) -> Tensor[]");
   // Certified bounds (torch_dlt/robust/bounds.py). CROWN's backward step through a ReLU whose
   // lower / upper lines have slopes slope_l / slope_u: for A [B, m, K] and vectors [B or 1, K],
   // A_in = slope_l A+ + slope_u A- and bias = A- . v_neg + A . v_all (v_neg carries the upper

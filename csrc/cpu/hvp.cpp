@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <functional>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -451,13 +452,191 @@ std::vector<int64_t> channel_view(int64_t channels, int64_t dims, int64_t channe
   return shape;
 }
 
+ConvAttr conv_attr(const Layer& layer) {
+  return ConvAttr{{layer.attr[1], layer.attr[2]},
+                  {layer.attr[3], layer.attr[4]},
+                  {layer.attr[5], layer.attr[6]},
+                  layer.attr[7]};
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool_forward(const Layer& layer, const at::Tensor& x) {
+  if (layer.op == kAdaptiveMaxPool2d) return at::adaptive_max_pool2d(x, {layer.attr[0], layer.attr[1]});
+  return at::max_pool2d_with_indices(x, {layer.attr[0], layer.attr[1]},
+                                     {layer.attr[2], layer.attr[3]}, {layer.attr[4], layer.attr[5]},
+                                     {layer.attr[6], layer.attr[7]}, layer.attr[8] != 0);
+}
+
+at::Tensor max_pool_backward(const Layer& layer, const at::Tensor& grad, const at::Tensor& like,
+                             const at::Tensor& indices) {
+  if (layer.op == kAdaptiveMaxPool2d) return at::adaptive_max_pool2d_backward(grad, like, indices);
+  return at::max_pool2d_with_indices_backward(
+      grad, like, {layer.attr[0], layer.attr[1]}, {layer.attr[2], layer.attr[3]},
+      {layer.attr[4], layer.attr[5]}, {layer.attr[6], layer.attr[7]}, layer.attr[8] != 0, indices);
+}
+
+std::optional<int64_t> avg_divisor(const Layer& layer) {
+  return layer.attr[8] != 0 ? std::optional<int64_t>(layer.attr[8]) : std::nullopt;
+}
+
+at::Tensor avg_pool_forward(const Layer& layer, const at::Tensor& x) {
+  return at::avg_pool2d(x, {layer.attr[0], layer.attr[1]}, {layer.attr[2], layer.attr[3]},
+                        {layer.attr[4], layer.attr[5]}, layer.attr[6] != 0, layer.attr[7] != 0,
+                        avg_divisor(layer));
+}
+
+at::Tensor avg_pool_backward(const Layer& layer, const at::Tensor& grad, const at::Tensor& like) {
+  return at::avg_pool2d_backward(grad, like, {layer.attr[0], layer.attr[1]},
+                                 {layer.attr[2], layer.attr[3]}, {layer.attr[4], layer.attr[5]},
+                                 layer.attr[6] != 0, layer.attr[7] != 0, avg_divisor(layer));
+}
+
+// The batch-norm layer's parameter indices: mean, var, then weight and bias where present.
+struct BatchNormParams {
+  int64_t weight, bias;  // -1 where absent
+};
+
+BatchNormParams batch_norm_params(const Layer& layer) {
+  const bool has_w = layer.attr[0] != 0, has_b = layer.attr[1] != 0;
+  return {has_w ? layer.param[2] : -1, has_b ? layer.param[has_w ? 3 : 2] : -1};
+}
+
+// The primal forward of one layer. Where `keep` is set it also stores in `s` what the sweeps
+// need besides the input and output: max-pooling's argmax, batch norm's normalised input and
+// scales.
+at::Tensor layer_forward(const Layer& layer, const at::Tensor& a, at::TensorList params, Saved& s,
+                         bool keep) {
+  switch (layer.op) {
+    case kLinear: {
+      TORCH_CHECK(a.dim() == 2, "torch_dlt::sequential_hvp: Linear takes [B, in] inputs, got ",
+                  a.sizes());
+      const at::Tensor& w = params[layer.param[0]];
+      return layer.attr[0] != 0 ? at::addmm(params[layer.param[1]], a, w.t()) : at::mm(a, w.t());
+    }
+    case kConv2d: {
+      const ConvAttr c = conv_attr(layer);
+      const std::optional<at::Tensor> bias =
+          layer.attr[0] != 0 ? std::optional<at::Tensor>(params[layer.param[1]]) : std::nullopt;
+      return conv(a, params[layer.param[0]], bias, c, c.groups);
+    }
+    case kActivation:
+      return activation_forward(a, layer);
+    case kMaxPool2d:
+    case kAdaptiveMaxPool2d: {
+      auto [out, indices] = max_pool_forward(layer, a);
+      if (keep) s.indices = indices;
+      return out;
+    }
+    case kAvgPool2d:
+      return avg_pool_forward(layer, a);
+    case kAdaptiveAvgPool2d:
+      return at::adaptive_avg_pool2d(a, {layer.attr[0], layer.attr[1]});
+    case kFlatten: {
+      const int64_t start = layer.attr[0];
+      TORCH_CHECK(start >= 1 || (start < 0 && start + a.dim() >= 1),
+                  "torch_dlt::sequential_hvp: Flatten must keep the batch dimension");
+      return a.flatten(start, layer.attr[1]);
+    }
+    case kBatchNorm: {
+      TORCH_CHECK(a.dim() >= 2, "torch_dlt::sequential_hvp: BatchNorm takes [B, C, ...]");
+      const auto cview = channel_view(a.size(1), a.dim(), 1);
+      const BatchNormParams bn = batch_norm_params(layer);
+      const at::Tensor inv_std = at::rsqrt(params[layer.param[1]] + layer.c0);
+      const at::Tensor scale = bn.weight >= 0 ? inv_std * params[bn.weight] : inv_std;
+      const at::Tensor xhat = (a - params[layer.param[0]].view(cview)) * inv_std.view(cview);
+      at::Tensor out = bn.weight >= 0 ? xhat * params[bn.weight].view(cview) : xhat;
+      if (bn.bias >= 0) out = out + params[bn.bias].view(cview);
+      if (keep) {
+        s.xhat = xhat;
+        s.scale = scale;
+        s.inv_std = inv_std;
+      }
+      return out;
+    }
+    default:
+      TORCH_CHECK(false, "torch_dlt::sequential_hvp: unknown opcode ", layer.op);
+  }
+}
+
+// The loss gradient with respect to a layer's input, from `g`, the one with respect to its output.
+at::Tensor layer_input_grad(const Layer& layer, const Saved& s, const at::Tensor& g,
+                            at::TensorList params) {
+  const at::Tensor& x = s.x;
+  switch (layer.op) {
+    case kLinear:
+      return at::mm(g, params[layer.param[0]]);
+    case kConv2d: {
+      const ConvAttr c = conv_attr(layer);
+      return conv_input_grad(g, x, params[layer.param[0]], c, c.groups);
+    }
+    case kActivation:
+      return call_activation_jvp(x, s.y, g.unsqueeze(1), layer).squeeze(1);
+    case kMaxPool2d:
+    case kAdaptiveMaxPool2d:
+      return max_pool_backward(layer, g, x, s.indices);
+    case kAvgPool2d:
+      return avg_pool_backward(layer, g, x);
+    case kAdaptiveAvgPool2d:
+      return at::_adaptive_avg_pool2d_backward(g, x);
+    case kFlatten:
+      return g.reshape(x.sizes());
+    case kBatchNorm:
+      return g * s.scale.view(channel_view(x.size(1), x.dim(), 1));
+    default:
+      TORCH_CHECK(false, "torch_dlt::sequential_hvp: unknown opcode ", layer.op);
+  }
+}
+
+// A layer's output is a view of its input (Flatten), or a fresh tensor worth keeping.
+bool is_view(const Layer& layer) { return layer.op == kFlatten; }
+
 }  // namespace
+
+std::vector<at::Tensor> sequential_primal(const at::Tensor& inputs, const at::Tensor& targets,
+                                          at::TensorList params, at::IntArrayRef program,
+                                          at::ArrayRef<double> constants, int64_t loss,
+                                          int64_t reduction, bool gradients) {
+  check_floating(inputs, "sequential_primal", "inputs");
+  TORCH_CHECK(inputs.dim() >= 2, "torch_dlt::sequential_primal: inputs must be [B, ...], got ",
+              inputs.sizes());
+  const std::vector<Layer> layers =
+      parse_program(program, constants, static_cast<int64_t>(params.size()));
+  const int64_t num_layers = static_cast<int64_t>(layers.size());
+  TORCH_CHECK(num_layers > 0, "torch_dlt::sequential_primal: the program has no layer");
+  std::vector<Saved> saved(num_layers);
+  std::vector<at::Tensor> result;
+  result.reserve(gradients ? 2 * num_layers : num_layers);
+  auto none = [&] { return at::empty({0}, inputs.options()); };  // one each: outputs never alias
+  at::Tensor a = inputs.contiguous();
+  for (int64_t l = 0; l < num_layers; ++l) {
+    saved[l].x = a;
+    a = layer_forward(layers[l], a, params, saved[l], gradients);
+    saved[l].y = a;
+    result.push_back(is_view(layers[l]) ? none() : a);
+  }
+  if (!gradients) return result;
+  // The loss gradient; loss_curvature's Hessian term is asked of a zero direction.
+  std::vector<int64_t> rshape = block_shape(a, 1);
+  at::Tensor g = std::get<0>(call_loss_curvature(a, targets, at::zeros(rshape, a.options()), loss,
+                                                 reduction));
+  std::vector<at::Tensor> grads(num_layers);
+  for (int64_t l = num_layers - 1; l >= 0; --l) {
+    grads[l] = g;
+    if (l > 0) g = layer_input_grad(layers[l], saved[l], g, params);
+  }
+  for (int64_t l = 0; l < num_layers; ++l) {
+    // The gradient at a view's input is a view of the one at its output: not kept either.
+    const bool view = l + 1 < num_layers && is_view(layers[l + 1]);
+    result.push_back(view ? none() : grads[l]);
+  }
+  return result;
+}
 
 std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tensor& targets,
                                        at::TensorList params,
                                        const c10::List<std::optional<at::Tensor>>& directions,
                                        at::IntArrayRef program, at::ArrayRef<double> constants,
-                                       int64_t loss, int64_t reduction, bool ggn) {
+                                       int64_t loss, int64_t reduction, bool ggn,
+                                       at::TensorList primal) {
   const int64_t num_params = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(directions.size()) == num_params,
               "torch_dlt::sequential_hvp: directions must have one entry per params entry (",
@@ -496,27 +675,56 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
   }
   TORCH_CHECK(first < num_layers, "torch_dlt::sequential_hvp: no layer has a direction");
 
-  // Forward and R-forward.
+  // A primal pass of sequential_primal: layer outputs, then (for H) the loss gradients at them.
+  const bool cached = !primal.empty();
+  const int64_t primal_size = static_cast<int64_t>(primal.size());
+  TORCH_CHECK(!cached || primal_size == 2 * num_layers || (ggn && primal_size == num_layers),
+              "torch_dlt::sequential_hvp: primal must be sequential_primal's ", 2 * num_layers,
+              " tensors (", num_layers, " without gradients, for ggn), got ", primal_size);
+  for (int64_t i = 0; cached && i < std::min(primal_size, ggn ? num_layers : 2 * num_layers); ++i) {
+    const bool view = i < num_layers ? is_view(layers[i])
+                                     : i + 1 < 2 * num_layers && is_view(layers[i - num_layers + 1]);
+    TORCH_CHECK(view || (primal[i].dim() >= 1 && primal[i].size(0) == inputs.size(0) &&
+                         primal[i].scalar_type() == inputs.scalar_type() &&
+                         primal[i].device() == inputs.device()),
+                "torch_dlt::sequential_hvp: primal[", i, "] is not sequential_primal's tensor for "
+                "these inputs (", primal[i].sizes(), ")");
+  }
+  // The primal output of layer l: stored, or the view it is of its input.
+  std::function<at::Tensor(int64_t)> output_of = [&](int64_t l) -> at::Tensor {
+    if (l < 0) return inputs.contiguous();
+    if (!is_view(layers[l])) return primal[l];
+    Saved unused;
+    return layer_forward(layers[l], output_of(l - 1), params, unused, false);
+  };
+
+  // Forward and R-forward; with a primal pass, only R-forward from the first layer with a
+  // direction, where the layers' outputs are read back (max pooling's argmax and batch norm's
+  // statistics are recomputed: they cost a fraction of their layer).
   std::vector<Saved> saved(num_layers);
-  at::Tensor a = inputs.contiguous();
+  at::Tensor a = cached ? output_of(first - 1) : inputs.contiguous();
   at::Tensor ra;  // undefined: zero
-  for (int64_t l = 0; l < num_layers; ++l) {
+  for (int64_t l = cached ? first : 0; l < num_layers; ++l) {
     const Layer& layer = layers[l];
     Saved& s = saved[l];
     const bool track = l >= first;
     s.x = a;
     s.rx = ra;
-    at::Tensor out, rout;
+    const bool reuse = cached && layer.op != kMaxPool2d && layer.op != kAdaptiveMaxPool2d &&
+                       layer.op != kBatchNorm && !is_view(layer);
+    const at::Tensor out = reuse ? primal[l] : layer_forward(layer, a, params, s, track);
+    s.y = out;
+    at::Tensor rout;
     const int64_t batch = a.size(0);
+    if (!track) {
+      a = out;
+      continue;
+    }
     switch (layer.op) {
       case kLinear: {
-        TORCH_CHECK(a.dim() == 2, "torch_dlt::sequential_hvp: Linear takes [B, in] inputs, got ",
-                    a.sizes());
         const at::Tensor& w = params[layer.param[0]];
         const bool has_bias = layer.attr[0] != 0;
         const int64_t out_f = w.size(0), in_f = w.size(1);
-        out = has_bias ? at::addmm(params[layer.param[1]], a, w.t()) : at::mm(a, w.t());
-        if (!track) break;
         const at::Tensor& rw = dir[layer.param[0]];
         if (rw.defined()) rout = at::mm(a, rw.view({k * out_f, in_f}).t());
         if (ra.defined()) {
@@ -540,15 +748,8 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
       case kConv2d: {
         const at::Tensor& w = params[layer.param[0]];
         const bool has_bias = layer.attr[0] != 0;
-        const ConvAttr c{{layer.attr[1], layer.attr[2]},
-                         {layer.attr[3], layer.attr[4]},
-                         {layer.attr[5], layer.attr[6]},
-                         layer.attr[7]};
+        const ConvAttr c = conv_attr(layer);
         const int64_t groups = c.groups;
-        const std::optional<at::Tensor> bias =
-            has_bias ? std::optional<at::Tensor>(params[layer.param[1]]) : std::nullopt;
-        out = conv(a, w, bias, c, groups);
-        if (!track) break;
         const at::Tensor& rw = dir[layer.param[0]];
         const std::optional<at::Tensor> rb =
             has_bias && has_dir(layer.param[1])
@@ -589,8 +790,7 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
         } else if (rw.defined()) {
           rout = conv(tile_channels(a, k), rw.view({k * out_c, in_g, kh, kw}), rb, c, k * groups);
         } else if (ra.defined()) {
-          rout = conv(fold(ra), tile_out_channels(w, k),
-                      rb, c, k * groups);
+          rout = conv(fold(ra), tile_out_channels(w, k), rb, c, k * groups);
         } else {
           auto sizes = block_shape(out, k);
           rout = rb->view({1, k, out_c, 1, 1}).expand(sizes).contiguous();
@@ -598,86 +798,44 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
         rout = unfold(rout, k);
         break;
       }
-      case kActivation: {
-        out = activation_forward(a, layer);
-        s.y = out;
-        if (track) rout = call_activation_jvp(a, out, ra, layer);
+      case kActivation:
+        rout = call_activation_jvp(a, out, ra, layer);
         break;
-      }
       case kMaxPool2d:
       case kAdaptiveMaxPool2d: {
-        std::tuple<at::Tensor, at::Tensor> res =
-            layer.op == kMaxPool2d
-                ? at::max_pool2d_with_indices(
-                      a, {layer.attr[0], layer.attr[1]}, {layer.attr[2], layer.attr[3]},
-                      {layer.attr[4], layer.attr[5]}, {layer.attr[6], layer.attr[7]},
-                      layer.attr[8] != 0)
-                : at::adaptive_max_pool2d(a, {layer.attr[0], layer.attr[1]});
-        out = std::get<0>(res);
-        if (!track) break;
-        s.indices = std::get<1>(res);
         const int64_t ch = a.size(1), plane = a.size(2) * a.size(3);
         const int64_t out_plane = out.size(2) * out.size(3);
-        const at::Tensor idx = s.indices.view({batch, 1, ch, out_plane}).expand({batch, k, ch, out_plane});
+        const at::Tensor idx =
+            s.indices.view({batch, 1, ch, out_plane}).expand({batch, k, ch, out_plane});
         rout = ra.view({batch, k, ch, plane}).gather(3, idx).view(block_shape(out, k));
         break;
       }
-      case kAvgPool2d: {
-        const std::optional<int64_t> divisor =
-            layer.attr[8] != 0 ? std::optional<int64_t>(layer.attr[8]) : std::nullopt;
-        auto pool = [&](const at::Tensor& t) {
-          return at::avg_pool2d(t, {layer.attr[0], layer.attr[1]}, {layer.attr[2], layer.attr[3]},
-                                {layer.attr[4], layer.attr[5]}, layer.attr[6] != 0,
-                                layer.attr[7] != 0, divisor);
-        };
-        out = pool(a);
-        if (track) rout = unfold(pool(fold(ra)), k);
+      case kAvgPool2d:
+        rout = unfold(avg_pool_forward(layer, fold(ra)), k);
         break;
-      }
-      case kAdaptiveAvgPool2d: {
-        out = at::adaptive_avg_pool2d(a, {layer.attr[0], layer.attr[1]});
-        if (track) rout = unfold(at::adaptive_avg_pool2d(fold(ra), {layer.attr[0], layer.attr[1]}), k);
+      case kAdaptiveAvgPool2d:
+        rout = unfold(at::adaptive_avg_pool2d(fold(ra), {layer.attr[0], layer.attr[1]}), k);
         break;
-      }
       case kFlatten: {
-        const int64_t start = layer.attr[0], end = layer.attr[1];
-        TORCH_CHECK(start >= 1 || (start < 0 && start + a.dim() >= 1),
-                    "torch_dlt::sequential_hvp: Flatten must keep the batch dimension");
-        out = a.flatten(start, end);
-        if (track) {
-          const int64_t s0 = start < 0 ? start + a.dim() : start;
-          const int64_t e0 = end < 0 ? end + a.dim() : end;
-          rout = ra.flatten(s0 + 1, e0 + 1);
-        }
+        const int64_t s0 = layer.attr[0] < 0 ? layer.attr[0] + a.dim() : layer.attr[0];
+        const int64_t e0 = layer.attr[1] < 0 ? layer.attr[1] + a.dim() : layer.attr[1];
+        rout = ra.flatten(s0 + 1, e0 + 1);
         break;
       }
       case kBatchNorm: {
-        TORCH_CHECK(a.dim() >= 2, "torch_dlt::sequential_hvp: BatchNorm takes [B, C, ...]");
         const int64_t ch = a.size(1);
-        const auto cview = channel_view(ch, a.dim(), 1);
-        const bool has_w = layer.attr[0] != 0, has_b = layer.attr[1] != 0;
-        const int64_t wi = has_w ? layer.param[2] : -1;
-        const int64_t bi = has_b ? layer.param[has_w ? 3 : 2] : -1;
-        const at::Tensor inv_std = at::rsqrt(params[layer.param[1]] + layer.c0);
-        const at::Tensor scale = has_w ? inv_std * params[wi] : inv_std;
-        const at::Tensor xhat = (a - params[layer.param[0]].view(cview)) * inv_std.view(cview);
-        out = has_w ? xhat * params[wi].view(cview) : xhat;
-        if (has_b) out = out + params[bi].view(cview);
-        if (!track) break;
-        s.xhat = xhat;
-        s.scale = scale;
-        s.inv_std = inv_std;
+        const BatchNormParams bn = batch_norm_params(layer);
         const auto rview = channel_view(ch, a.dim() + 1, 2);
         auto rsizes = block_shape(a, k);
-        if (ra.defined()) rout = ra * scale.view(rview);
+        if (ra.defined()) rout = ra * s.scale.view(rview);
         auto kview = rview;
         kview[1] = k;
-        if (has_w && has_dir(wi)) {
-          const at::Tensor term = xhat.unsqueeze(1) * dir[wi].view(kview);
+        if (bn.weight >= 0 && has_dir(bn.weight)) {
+          const at::Tensor term = s.xhat.unsqueeze(1) * dir[bn.weight].view(kview);
           rout = rout.defined() ? rout.add_(term) : term;
         }
-        if (has_b && has_dir(bi)) {
-          const at::Tensor term = dir[bi].view(kview);
+        if (bn.bias >= 0 && has_dir(bn.bias)) {
+          const at::Tensor term = dir[bn.bias].view(kview);
           rout = rout.defined() ? rout.add_(term) : term.expand(rsizes).contiguous();
         }
         break;
@@ -694,9 +852,9 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
   auto [grad_z, hz] = call_loss_curvature(a, targets, ra, loss, reduction);
 
   // Backward (g, Hessian only) and R-backward (rg) from the loss down to the first layer with a
-  // direction.
+  // direction; with a primal pass, g is read back instead of computed.
   std::vector<at::Tensor> result(num_params);
-  at::Tensor g = ggn ? at::Tensor() : grad_z;
+  at::Tensor g = ggn ? at::Tensor() : cached ? primal[2 * num_layers - 1] : grad_z;
   at::Tensor rg = hz;
   for (int64_t l = num_layers - 1; l >= first; --l) {
     const Layer& layer = layers[l];
@@ -723,21 +881,15 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
         if (layer.attr[0] != 0 && has_dir(layer.param[1])) result[layer.param[1]] = rg.sum(0);
         if (!need_input) break;
         rgx = at::mm(rg2, w);
-        if (!ggn) {
-          if (rw.defined()) {
-            rgx.view({batch, k * in_f}).addmm_(g, rw.permute({1, 0, 2}).reshape({out_f, k * in_f}));
-          }
-          gx = at::mm(g, w);
+        if (!ggn && rw.defined()) {
+          rgx.view({batch, k * in_f}).addmm_(g, rw.permute({1, 0, 2}).reshape({out_f, k * in_f}));
         }
         rgx = rgx.view({batch, k, in_f});
         break;
       }
       case kConv2d: {
         const at::Tensor& w = params[layer.param[0]];
-        const ConvAttr c{{layer.attr[1], layer.attr[2]},
-                         {layer.attr[3], layer.attr[4]},
-                         {layer.attr[5], layer.attr[6]},
-                         layer.attr[7]};
+        const ConvAttr c = conv_attr(layer);
         const int64_t groups = c.groups;
         const int64_t out_c = w.size(0), in_g = w.size(1), kh = w.size(2), kw = w.size(3);
         const int64_t ho = rg.size(3), wo = rg.size(4);
@@ -769,7 +921,6 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
             rgx.view({batch, k * in_c, h, wd})
                 .add_(conv_input_grad(g, rx.view({batch, k * in_c, h, wd}), wt, c, 1));
           }
-          if (!ggn) gx = conv_input_grad(g, x, w, c, 1);
           rgx = rgx.view(block_shape(x, k));
           break;
         }
@@ -805,11 +956,8 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
           rgx = conv_input_grad(gin.view({batch, k * 2 * out_c, ho, wo}),
                                 rx_like, win.view({k * 2 * out_c, in_g, kh, kw}), c, k * groups);
         } else {
-          rgx = conv_input_grad(rgf, rx_like,
-                                tile_out_channels(w, k),
-                                c, k * groups);
+          rgx = conv_input_grad(rgf, rx_like, tile_out_channels(w, k), c, k * groups);
         }
-        if (!ggn) gx = conv_input_grad(g, x, w, c, groups);
         rgx = unfold(rgx, k);
         break;
       }
@@ -829,69 +977,48 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
                                             .expand(block_shape(s.indices, k))
                                             .reshape({batch, k * ch, s.indices.size(2),
                                                       s.indices.size(3)});
-        auto back = [&](const at::Tensor& grad, const at::Tensor& like, const at::Tensor& ind) {
-          if (layer.op == kAdaptiveMaxPool2d) return at::adaptive_max_pool2d_backward(grad, like, ind);
-          return at::max_pool2d_with_indices_backward(
-              grad, like, {layer.attr[0], layer.attr[1]}, {layer.attr[2], layer.attr[3]},
-              {layer.attr[4], layer.attr[5]}, {layer.attr[6], layer.attr[7]}, layer.attr[8] != 0,
-              ind);
-        };
-        rgx = unfold(back(fold(rg), fold(rx), idx), k);
-        if (!ggn) gx = back(g, x, s.indices);
+        rgx = unfold(max_pool_backward(layer, fold(rg), fold(rx), idx), k);
         break;
       }
-      case kAvgPool2d: {
-        const std::optional<int64_t> divisor =
-            layer.attr[8] != 0 ? std::optional<int64_t>(layer.attr[8]) : std::nullopt;
-        auto back = [&](const at::Tensor& grad, const at::Tensor& like) {
-          return at::avg_pool2d_backward(grad, like, {layer.attr[0], layer.attr[1]},
-                                         {layer.attr[2], layer.attr[3]},
-                                         {layer.attr[4], layer.attr[5]}, layer.attr[6] != 0,
-                                         layer.attr[7] != 0, divisor);
-        };
-        rgx = unfold(back(fold(rg), fold(rx)), k);
-        if (!ggn) gx = back(g, x);
+      case kAvgPool2d:
+        rgx = unfold(avg_pool_backward(layer, fold(rg), fold(rx)), k);
         break;
-      }
-      case kAdaptiveAvgPool2d: {
+      case kAdaptiveAvgPool2d:
         rgx = unfold(at::_adaptive_avg_pool2d_backward(fold(rg), fold(rx)), k);
-        if (!ggn) gx = at::_adaptive_avg_pool2d_backward(g, x);
         break;
-      }
-      case kFlatten: {
+      case kFlatten:
         rgx = rg.reshape(block_shape(x, k));
-        if (!ggn) gx = g.reshape(x.sizes());
         break;
-      }
       case kBatchNorm: {
-        const bool has_w = layer.attr[0] != 0, has_b = layer.attr[1] != 0;
-        const int64_t wi = has_w ? layer.param[2] : -1;
-        const int64_t bi = has_b ? layer.param[has_w ? 3 : 2] : -1;
+        const BatchNormParams bn = batch_norm_params(layer);
         const int64_t ch = x.size(1);
-        const auto cview = channel_view(ch, x.dim(), 1);
         const auto rview = channel_view(ch, x.dim() + 1, 2);
         auto kview = rview;
         kview[1] = k;
         std::vector<int64_t> reduce_dims{0};
         for (int64_t d = 3; d < x.dim() + 1; ++d) reduce_dims.push_back(d);
-        if (has_w && has_dir(wi)) {
+        if (bn.weight >= 0 && has_dir(bn.weight)) {
           at::Tensor prod = rg * s.xhat.unsqueeze(1);
           if (second) prod.add_(g.unsqueeze(1) * rx * s.inv_std.view(rview));
-          result[wi] = prod.sum(reduce_dims);
+          result[bn.weight] = prod.sum(reduce_dims);
         }
-        if (has_b && has_dir(bi)) result[bi] = rg.sum(reduce_dims);
+        if (bn.bias >= 0 && has_dir(bn.bias)) result[bn.bias] = rg.sum(reduce_dims);
         if (!need_input) break;
         rgx = rg * s.scale.view(rview);
-        if (!ggn) {
-          if (has_w && has_dir(wi)) {
-            rgx.add_(g.unsqueeze(1) * s.inv_std.view(rview) * dir[wi].view(kview));
-          }
-          gx = g * s.scale.view(cview);
+        if (!ggn && bn.weight >= 0 && has_dir(bn.weight)) {
+          rgx.add_(g.unsqueeze(1) * s.inv_std.view(rview) * dir[bn.weight].view(kview));
         }
         break;
       }
       default:
         break;
+    }
+    if (!ggn && need_input) {
+      if (cached && !is_view(layers[l])) {
+        gx = primal[num_layers + l - 1];
+      } else if (!gx.defined()) {
+        gx = layer_input_grad(layer, s, g, params);
+      }
     }
     g = gx;
     rg = rgx.defined() ? rgx.contiguous() : rgx;
@@ -911,6 +1038,7 @@ TORCH_LIBRARY_IMPL(torch_dlt, CPU, m) {
   m.impl("activation_jvp", &activation_jvp_cpu);
   m.impl("activation_hvp_backward", &activation_hvp_backward_cpu);
   m.impl("loss_curvature", &loss_curvature_cpu);
+  m.impl("sequential_primal", &sequential_primal);
   m.impl("sequential_hvp", &sequential_hvp);
 }
 

@@ -208,6 +208,7 @@ TORCH_LIBRARY_IMPL(torch_dlt, CUDA, m) {
   m.impl("activation_hvp_backward", &activation_hvp_backward_cuda);
   m.impl("loss_curvature", &loss_curvature_cuda);
   m.impl("sequential_hvp", &sequential_hvp);
+  m.impl("sequential_primal", &sequential_primal);
 }
 
 }  // namespace torch_dlt

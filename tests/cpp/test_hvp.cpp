@@ -1,6 +1,6 @@
 // C++ test of torch_dlt::sequential_hvp through the dispatcher: the Hessian-vector products of
-// a Linear -> tanh -> Linear net under a summed squared error, against libtorch's double
-// backward.
+// a Linear -> tanh -> Linear net under a summed squared error, with and without a reused primal
+// pass, against libtorch's double backward.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -14,7 +14,10 @@ namespace {
 using SequentialHvpFn = std::vector<at::Tensor>(
     const at::Tensor&, const at::Tensor&, at::TensorList,
     const c10::List<std::optional<at::Tensor>>&, at::IntArrayRef, at::ArrayRef<double>, int64_t,
-    int64_t, bool);
+    int64_t, bool, at::TensorList);
+using SequentialPrimalFn = std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                   at::TensorList, at::IntArrayRef,
+                                                   at::ArrayRef<double>, int64_t, int64_t, bool);
 
 int failures = 0;
 
@@ -52,7 +55,13 @@ int main() {
   // Linear(bias) -> tanh (kind 3) -> Linear(bias); MSE (1) with sum reduction (1).
   const std::vector<int64_t> program = {1, 1, 3, 3, 1, 1};
   const std::vector<double> constants = {0.0, 0.0};
-  const auto got = op.call(x, t, params, directions, program, constants, 1, 1, false);
+  const auto got = op.call(x, t, params, directions, program, constants, 1, 1, false, {});
+  // The same products from a primal pass computed once.
+  const auto primal_op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("torch_dlt::sequential_primal", "")
+                             .typed<SequentialPrimalFn>();
+  const auto primal = primal_op.call(x, t, params, program, constants, 1, 1, true);
+  const auto reused = op.call(x, t, params, directions, program, constants, 1, 1, false, primal);
 
   std::vector<at::Tensor> leaves;
   for (const auto& p : params) leaves.push_back(p.detach().requires_grad_(true));
@@ -64,7 +73,10 @@ int main() {
     at::Tensor dot = at::zeros({}, f64);
     for (size_t i = 0; i < 3; ++i) dot = dot + (grads[i] * (*directions.get(i))[j]).sum();
     const auto hv = torch::autograd::grad({dot}, leaves, {}, true, false, true);
-    for (size_t i = 0; i < 3; ++i) expect_close(got[i][j], hv[i], "H v block");
+    for (size_t i = 0; i < 3; ++i) {
+      expect_close(got[i][j], hv[i], "H v block");
+      expect_close(reused[i][j], hv[i], "H v block from a primal pass");
+    }
   }
   if (got[3].numel() != 0) {
     std::printf("FAIL a constant gets a non-empty result\n");

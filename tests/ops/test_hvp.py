@@ -139,8 +139,9 @@ def _program(groups: int):
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("ggn", [False, True])
+@pytest.mark.parametrize("reuse", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_sequential_hvp_compiled_matches_reference(groups, k, ggn, device):
+def test_sequential_hvp_compiled_matches_reference(groups, k, ggn, reuse, device):
     params, program, constants = _program(groups)
     params = [p.to(device) for p in params]
     x = randn(5, 2, 9, 9, seed=2, device=device)
@@ -152,12 +153,53 @@ def test_sequential_hvp_compiled_matches_reference(groups, k, ggn, device):
         for i, p in enumerate(params)
     ]
     args = (x, t, params, directions, program, constants, LossKind.CROSS_ENTROPY, Reduction.MEAN)
-    got = torch.ops.torch_dlt.sequential_hvp(*args, ggn)
+    # With reuse, the forward and the gradient come from a primal pass made beforehand.
+    primal = torch.ops.torch_dlt.sequential_primal(*args[:3], *args[4:], not ggn) if reuse else []
+    got = torch.ops.torch_dlt.sequential_hvp(*args, ggn, primal)
     want = _hvp_reference.sequential_hvp(*args, ggn)
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.shape == b.shape, i
         assert_close(a, b, **TOL)
     assert all(got[i].numel() == 0 for i in frozen)
+
+
+@needs_ops
+@pytest.mark.parametrize("gradients", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_sequential_primal_compiled_matches_reference(gradients, device):
+    params, program, constants = _program(2)
+    params = [p.to(device) for p in params]
+    x = randn(5, 2, 9, 9, seed=2, device=device)
+    t = torch.tensor([0, 2, 1, 1, 0], device=device)
+    args = (x, t, params, program, constants, LossKind.CROSS_ENTROPY, Reduction.MEAN, gradients)
+    got = torch.ops.torch_dlt.sequential_primal(*args)
+    want = _hvp_reference.sequential_primal(*args)
+    layers = len(_hvp_reference.parse_program(program))
+    assert len(got) == len(want) == (2 if gradients else 1) * layers
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert_close(a, b, **TOL)
+    # The output is the network's; the last gradient is the loss gradient at it.
+    assert_close(got[layers - 1], _hvp_reference.program_forward(x, params, program, constants))
+    empty = [i for i, a in enumerate(got) if a.numel() == 0]
+    flatten = 8  # the program's 9th layer; the gradient at its input is left out too
+    assert empty == ([flatten, layers + flatten - 1] if gradients else [flatten])
+
+
+@needs_ops
+def test_sequential_hvp_rejects_a_primal_of_other_inputs():
+    params, program, constants = _program(1)
+    t = torch.tensor([0, 2, 1, 1, 0])
+    directions = [randn(1, *p.shape, seed=i) for i, p in enumerate(params)]
+    args = (params, directions, program, constants, 0, 0, False)
+    x = randn(5, 2, 9, 9, seed=2)
+    primal = torch.ops.torch_dlt.sequential_primal(
+        x[:3], t[:3], params, program, constants, 0, 0, True
+    )
+    with pytest.raises(RuntimeError, match=r"primal\[0\] is not sequential_primal's tensor"):
+        torch.ops.torch_dlt.sequential_hvp(x, t, *args, primal)
+    with pytest.raises(RuntimeError, match="primal must be sequential_primal's"):
+        torch.ops.torch_dlt.sequential_hvp(x, t, *args, primal[:3])
 
 
 def test_reference_sequential_hvp_is_the_dense_hessian():
@@ -201,11 +243,18 @@ def test_opcheck(device):
     params = [p.to(device) for p in params]
     directions = [randn(2, *p.shape, seed=i, device=device) for i, p in enumerate(params)]
     directions[2] = directions[3] = None
+    x, t = randn(2, 2, 9, 9, seed=3, device=device), torch.tensor([1, 2], device=device)
     torch.library.opcheck(
         torch.ops.torch_dlt.sequential_hvp.default,
-        (randn(2, 2, 9, 9, seed=3, device=device), torch.tensor([1, 2], device=device), params,
-         directions, program, constants, 0, 1, False),
-    )  # fmt: skip
+        (x, t, params, directions, program, constants, 0, 1, False, []),
+    )
+    primal_args = (x, t, params, program, constants, 0, 1, True)
+    torch.library.opcheck(torch.ops.torch_dlt.sequential_primal.default, primal_args)
+    primal = torch.ops.torch_dlt.sequential_primal(*primal_args)
+    torch.library.opcheck(
+        torch.ops.torch_dlt.sequential_hvp.default,
+        (x, t, params, directions, program, constants, 0, 1, False, primal),
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -246,7 +295,7 @@ def test_compiled_sweep_checks_its_program():
     with pytest.raises(RuntimeError, match="unknown opcode"):
         torch.ops.torch_dlt.sequential_hvp(
             torch.ones(2, 3), torch.zeros(2, 1), [torch.ones(1, 3)], [torch.ones(1, 1, 3)],
-            [42], [], 1, 0, False,
+            [42], [], 1, 0, False, [],
         )  # fmt: skip
 
 

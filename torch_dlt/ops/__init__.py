@@ -21,7 +21,7 @@ if _extension.load():
 
     _fake.register()
     _filters_fake.register()
-    if hasattr(torch.ops.torch_dlt, "sequential_hvp"):
+    if hasattr(torch.ops.torch_dlt, "sequential_primal"):
         from torch_dlt.ops import _hvp_fake
 
         _hvp_fake.register()
@@ -127,6 +127,7 @@ from torch_dlt.ops.hvp import (  # noqa: E402  (needs _use_compiled above)
     has_hvp_ops,
     loss_curvature,
     sequential_hvp,
+    sequential_primal,
 )
 
 __all__ += [
@@ -139,6 +140,7 @@ __all__ += [
     "has_hvp_ops",
     "loss_curvature",
     "sequential_hvp",
+    "sequential_primal",
 ]
 
 from torch_dlt.ops.bounds import (  # noqa: E402  (needs has_ops above)

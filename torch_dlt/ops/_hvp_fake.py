@@ -23,8 +23,23 @@ def _loss_curvature_fake(z: Tensor, targets: Tensor, rz: Tensor, loss: int, redu
 
 
 def _sequential_hvp_fake(inputs, targets, params, directions, program, constants, loss, reduction,
-                         ggn):  # fmt: skip
+                         ggn, primal):  # fmt: skip
     return [inputs.new_empty(0) if d is None else d.new_empty(d.shape) for d in directions]
+
+
+def _sequential_primal_fake(inputs, targets, params, program, constants, loss, reduction,
+                            gradients):  # fmt: skip
+    from torch_dlt.ops._hvp_reference import Opcode, parse_program, program_outputs
+
+    outputs = program_outputs(inputs, list(params), list(program), list(constants))
+    views = [op == Opcode.FLATTEN for op, _ in parse_program(list(program))]
+    kept = [inputs.new_empty(0) if v else o.new_empty(o.shape) for o, v in zip(outputs, views)]
+    if not gradients:
+        return kept
+    return kept + [
+        inputs.new_empty(0) if v else o.new_empty(o.shape)
+        for o, v in zip(outputs, views[1:] + [False])
+    ]
 
 
 def register() -> None:
@@ -33,3 +48,4 @@ def register() -> None:
     torch.library.register_fake("torch_dlt::activation_hvp_backward")(_activation_hvp_backward_fake)
     torch.library.register_fake("torch_dlt::loss_curvature")(_loss_curvature_fake)
     torch.library.register_fake("torch_dlt::sequential_hvp")(_sequential_hvp_fake)
+    torch.library.register_fake("torch_dlt::sequential_primal")(_sequential_primal_fake)

@@ -191,44 +191,86 @@ def parse_program(program: list[int]) -> list[tuple[Opcode, list[int]]]:
     return records
 
 
+def _layer_forward(op: Opcode, attr: list[int], a: Tensor, tensors, values) -> Tensor:
+    """One record of the program on ``a``, drawing its tensors and constants from the iterators."""
+    if op == Opcode.LINEAR:
+        w = next(tensors)
+        return F.linear(a, w, next(tensors) if attr[0] else None)
+    if op == Opcode.CONV2D:
+        w = next(tensors)
+        bias = next(tensors) if attr[0] else None
+        return F.conv2d(a, w, bias, tuple(attr[1:3]), tuple(attr[3:5]), tuple(attr[5:7]), attr[7])
+    if op == Opcode.ACTIVATION:
+        return activation_forward(a, attr[0], next(values), next(values))
+    if op == Opcode.MAX_POOL2D:
+        return F.max_pool2d(
+            a, tuple(attr[0:2]), tuple(attr[2:4]), tuple(attr[4:6]), tuple(attr[6:8]), bool(attr[8])
+        )
+    if op == Opcode.AVG_POOL2D:
+        return F.avg_pool2d(
+            a, tuple(attr[0:2]), tuple(attr[2:4]), tuple(attr[4:6]), bool(attr[6]), bool(attr[7]),
+            attr[8] or None,
+        )  # fmt: skip
+    if op == Opcode.ADAPTIVE_AVG_POOL2D:
+        return F.adaptive_avg_pool2d(a, tuple(attr))
+    if op == Opcode.ADAPTIVE_MAX_POOL2D:
+        return F.adaptive_max_pool2d(a, tuple(attr))
+    if op == Opcode.FLATTEN:
+        return a.flatten(attr[0], attr[1])
+    mean, var = next(tensors), next(tensors)
+    weight = next(tensors) if attr[0] else None
+    bias = next(tensors) if attr[1] else None
+    return F.batch_norm(a, mean, var, weight, bias, False, 0.0, next(values))
+
+
+def program_outputs(
+    inputs: Tensor, params: list[Tensor], program: list[int], constants: list[float]
+) -> list[Tensor]:
+    """Every layer's output of the program on ``inputs`` (``params`` in program order)."""
+    tensors, values = iter(params), iter(constants)
+    outputs, a = [], inputs
+    for op, attr in parse_program(program):
+        a = _layer_forward(op, attr, a, tensors, values)
+        outputs.append(a)
+    return outputs
+
+
 def program_forward(
     inputs: Tensor, params: list[Tensor], program: list[int], constants: list[float]
 ) -> Tensor:
     """Run the layer program on ``inputs`` with the tensors ``params`` (in program order)."""
-    tensors, values = iter(params), iter(constants)
-    a = inputs
-    for op, attr in parse_program(program):
-        if op == Opcode.LINEAR:
-            w = next(tensors)
-            a = F.linear(a, w, next(tensors) if attr[0] else None)
-        elif op == Opcode.CONV2D:
-            w = next(tensors)
-            bias = next(tensors) if attr[0] else None
-            a = F.conv2d(a, w, bias, tuple(attr[1:3]), tuple(attr[3:5]), tuple(attr[5:7]), attr[7])
-        elif op == Opcode.ACTIVATION:
-            a = activation_forward(a, attr[0], next(values), next(values))
-        elif op == Opcode.MAX_POOL2D:
-            a = F.max_pool2d(
-                a, tuple(attr[0:2]), tuple(attr[2:4]), tuple(attr[4:6]), tuple(attr[6:8]),
-                bool(attr[8]),
-            )  # fmt: skip
-        elif op == Opcode.AVG_POOL2D:
-            a = F.avg_pool2d(
-                a, tuple(attr[0:2]), tuple(attr[2:4]), tuple(attr[4:6]), bool(attr[6]),
-                bool(attr[7]), attr[8] or None,
-            )  # fmt: skip
-        elif op == Opcode.ADAPTIVE_AVG_POOL2D:
-            a = F.adaptive_avg_pool2d(a, tuple(attr))
-        elif op == Opcode.ADAPTIVE_MAX_POOL2D:
-            a = F.adaptive_max_pool2d(a, tuple(attr))
-        elif op == Opcode.FLATTEN:
-            a = a.flatten(attr[0], attr[1])
-        else:
-            mean, var = next(tensors), next(tensors)
-            weight = next(tensors) if attr[0] else None
-            bias = next(tensors) if attr[1] else None
-            a = F.batch_norm(a, mean, var, weight, bias, False, 0.0, next(values))
-    return a
+    return program_outputs(inputs, params, program, constants)[-1]
+
+
+def sequential_primal(
+    inputs: Tensor,
+    targets: Tensor,
+    params: list[Tensor],
+    program: list[int],
+    constants: list[float],
+    loss: int,
+    reduction: int,
+    gradients: bool,
+) -> list[Tensor]:
+    """Each layer's output, then (``gradients``) the loss gradient with respect to each.
+
+    Where a layer's output is a view of its input (Flatten), its entry is an empty tensor; so is
+    the gradient at a Flatten's input.
+    """
+    records = parse_program(program)
+    views = [op == Opcode.FLATTEN for op, _ in records]
+    with torch.enable_grad():
+        detached = [p.detach() for p in params]
+        start = inputs.detach().requires_grad_(gradients)
+        outputs = program_outputs(start, detached, program, constants)
+        grads = []
+        if gradients:
+            total = _loss(outputs[-1], targets, loss, reduction)
+            grads = list(torch.autograd.grad(total, outputs))
+    kept = [inputs.new_empty(0) if view else out.detach() for out, view in zip(outputs, views)]
+    # The gradient at layer l's output is a view of the one at l + 1's where l + 1 is a Flatten.
+    views_after = views[1:] + [False]
+    return kept + [inputs.new_empty(0) if view else g for g, view in zip(grads, views_after)]
 
 
 def _loss(z: Tensor, targets: Tensor, loss: int, reduction: int) -> Tensor:
@@ -250,8 +292,12 @@ def sequential_hvp(
     loss: int,
     reduction: int,
     ggn: bool,
+    primal: list[Tensor] | None = None,
 ) -> list[Tensor]:
-    """H V (or G V) wrt the ``params`` that have a direction ``[k, *shape]``, by ``torch.func``."""
+    """H V (or G V) wrt the ``params`` that have a direction ``[k, *shape]``, by ``torch.func``.
+
+    ``primal`` (the kernels' reusable primal pass) is not needed here: the reference recomputes.
+    """
     free = [i for i, d in enumerate(directions) if d is not None]
     theta = tuple(params[i] for i in free)
     tangents = tuple(directions[i] for i in free)

@@ -464,12 +464,20 @@ class ExtProgram:
         self._records = records
         self._by_shape: dict[tuple, list[_Record]] = {}
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self._offsets: dict[int, int] = {}
+        offsets: dict[int, int] = {}
         offset = 0
         for p in trainable:
-            self._offsets[id(p)] = offset
+            offsets[id(p)] = offset
             offset += p.numel()
         self.num_params = offset
+        # Where each module attribute's parameter sits in the flat vectors: by slot, so that a
+        # parameter replaced later (``module.weight = nn.Parameter(...)``) keeps its place.
+        self._slots: dict[tuple[int, str], int] = {
+            (id(m), attr): offsets[id(p)]
+            for m in model.modules()
+            for attr, p in m.named_parameters(recurse=False)
+            if id(p) in offsets
+        }
 
     def records(self, inputs: Tensor | None = None) -> list[_Record]:
         """The layer program (traced with ``inputs``' shape where ``forward`` branches on it)."""
@@ -503,7 +511,63 @@ class ExtProgram:
                     f"ext backend: Dropout {name!r} is in training mode; call model.eval()"
                 )
 
-    def matmat(self, inputs: Tensor, targets: Tensor, V: Tensor, *, ggn: bool = False) -> Tensor:
+    def _check_batch(self, inputs: Tensor, targets: Tensor, caller: str) -> None:
+        if not isinstance(inputs, Tensor) or inputs.dim() < 2:
+            raise ValueError(f"ExtProgram.{caller}: inputs must be a Tensor [B, ...]")
+        reference = next((p for p in self.model.parameters()), None)
+        if reference is not None and (
+            inputs.dtype != reference.dtype or inputs.device != reference.device
+        ):
+            raise ValueError(
+                f"ExtProgram.{caller}: inputs ({inputs.dtype}, {inputs.device}) must have the "
+                f"model's dtype {reference.dtype} and device {reference.device}"
+            )
+        if self.loss == LossKind.CROSS_ENTROPY and targets.dtype == torch.int64:
+            if targets.dim() != 1 or targets.shape[0] != inputs.shape[0]:
+                raise ValueError(
+                    f"ExtProgram.{caller}: cross-entropy class indices must be "
+                    f"[B={inputs.shape[0]}], got {tuple(targets.shape)}"
+                )
+            if targets.numel() and int(targets.min()) < 0:
+                raise ValueError(
+                    f"ExtProgram.{caller}: negative class indices (ignore_index) are not supported"
+                )
+        self._check_modes()
+
+    def _encode(self, inputs: Tensor) -> tuple[list[_Record], list[int], list[float], list[Tensor]]:
+        records = self.records(inputs)
+        program: list[int] = []
+        constants: list[float] = []
+        for record in records:
+            program += [int(record.opcode), *record.attrs]
+            constants += record.constants
+        params = [getattr(m, attr).detach() for record in records for m, attr in record.tensors]
+        return records, program, constants, params
+
+    def primal(self, inputs: Tensor, targets: Tensor, *, ggn: bool = False) -> list[Tensor]:
+        """The primal pass (layer outputs, and for H the loss gradients) of one batch.
+
+        Pass it to :meth:`matmat` as ``primal`` for products on the same batch while the
+        model's parameters stay the same: each product then skips the forward pass and the
+        backward of the gradient.
+        """
+        self._check_batch(inputs, targets, "primal")
+        _, program, constants, params = self._encode(inputs)
+        with torch.no_grad():
+            return ops.sequential_primal(
+                inputs.detach(), targets.detach(), params, program, constants, int(self.loss),
+                int(self.reduction), not ggn,
+            )  # fmt: skip
+
+    def matmat(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        V: Tensor,
+        *,
+        ggn: bool = False,
+        primal: list[Tensor] | None = None,
+    ) -> Tensor:
         """H V (or G V) of ``loss_fn(model(inputs), targets)`` on this batch.
 
         Args:
@@ -512,6 +576,8 @@ class ExtProgram:
             V (Tensor[n, k]): k vectors flat over the trainable parameters, in
                 ``model.parameters()`` order.
             ggn (bool): the generalised Gauss-Newton G V instead of H V.
+            primal (list[Tensor] | None): :meth:`primal` of this batch at the current
+                parameters (with the same ``ggn``), or ``None`` to compute it.
 
         Returns:
             Tensor[n, k]: the products.
@@ -522,65 +588,39 @@ class ExtProgram:
                 f"ExtProgram.matmat: V must be a Tensor [n, k] with n = {self.num_params} "
                 f"trainable parameters, got {shape}"
             )
-        if not isinstance(inputs, Tensor) or inputs.dim() < 2:
-            raise ValueError("ExtProgram.matmat: inputs must be a Tensor [B, ...]")
         reference = next((p for p in self.model.parameters()), None)
-        if reference is not None and (
-            inputs.dtype != reference.dtype
-            or inputs.device != reference.device
-            or V.dtype != reference.dtype
-            or V.device != reference.device
-        ):
+        if reference is not None and (V.dtype != reference.dtype or V.device != reference.device):
             raise ValueError(
-                f"ExtProgram.matmat: inputs ({inputs.dtype}, {inputs.device}) and V ({V.dtype}, "
-                f"{V.device}) must have the model's dtype {reference.dtype} and device "
-                f"{reference.device}"
+                f"ExtProgram.matmat: V ({V.dtype}, {V.device}) must have the model's dtype "
+                f"{reference.dtype} and device {reference.device}"
             )
-        if self.loss == LossKind.CROSS_ENTROPY and targets.dtype == torch.int64:
-            if targets.dim() != 1 or targets.shape[0] != inputs.shape[0]:
-                raise ValueError(
-                    f"ExtProgram.matmat: cross-entropy class indices must be [B={inputs.shape[0]}]"
-                    f", got {tuple(targets.shape)}"
-                )
-            if targets.numel() and int(targets.min()) < 0:
-                raise ValueError(
-                    "ExtProgram.matmat: negative class indices (ignore_index) are not supported"
-                )
-        self._check_modes()
-        records = self.records(inputs)
+        if primal is None:
+            self._check_batch(inputs, targets, "matmat")
+        records, program, constants, params = self._encode(inputs)
         k = V.shape[1]
-        program: list[int] = []
-        constants: list[float] = []
-        params: list[Tensor] = []
         directions: list[Tensor | None] = []
-        for record in records:
-            program += [int(record.opcode), *record.attrs]
-            constants += record.constants
-            for module, attr in record.tensors:
-                t = getattr(module, attr)
-                params.append(t.detach())
-                offset = self._offsets.get(id(t)) if isinstance(t, nn.Parameter) else None
-                if offset is None:
-                    directions.append(None)
-                else:
-                    block = V[offset : offset + t.numel()]
-                    directions.append(block.t().reshape(k, *t.shape))
-        out = torch.zeros(self.num_params, k, dtype=V.dtype, device=V.device)
+        refs = [ref for record in records for ref in record.tensors]
+        offsets = [self._slots.get((id(module), attr)) for module, attr in refs]
+        for (module, attr), offset in zip(refs, offsets):
+            t = getattr(module, attr)
+            if offset is None:
+                directions.append(None)
+            else:
+                directions.append(V[offset : offset + t.numel()].t().reshape(k, *t.shape))
         if all(d is None for d in directions):
-            return out
+            return torch.zeros(self.num_params, k, dtype=V.dtype, device=V.device)
         with torch.no_grad():
             blocks = ops.sequential_hvp(
                 inputs.detach(), targets.detach(), params, directions, program, constants,
-                int(self.loss), int(self.reduction), ggn,
+                int(self.loss), int(self.reduction), ggn, primal=primal,
             )  # fmt: skip
-        for (module, attr), block, d in zip(
-            (ref for record in records for ref in record.tensors), blocks, directions
-        ):
-            if d is not None:
-                t = getattr(module, attr)
-                offset = self._offsets[id(t)]
-                out[offset : offset + t.numel()] += block.reshape(k, -1).t()
-        return out
+        # Laid out as [k, n] (each product contiguous), returned as its [n, k] view; a tensor
+        # the program uses twice gets the sum of its blocks.
+        out = torch.zeros(k, self.num_params, dtype=V.dtype, device=V.device)
+        for offset, block in zip(offsets, blocks):
+            if offset is not None:
+                out[:, offset : offset + block[0].numel()] += block.reshape(k, -1)
+        return out.t()
 
     def __repr__(self) -> str:
         layers = "?" if self._records is None else ", ".join(r.name for r in self._records)

@@ -213,6 +213,7 @@ class _CurvatureOperator:
         if self.process_group is not None:
             import torch.distributed as dist
 
+            t = t.contiguous()  # collectives take dense tensors
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
         return t
 
@@ -273,19 +274,31 @@ class _CurvatureOperator:
         """
         V = V.detach().to(device=self.device, dtype=self.dtype)
         k = V.shape[1]
-        out = torch.zeros(self.shape[0], k, dtype=self.dtype, device=self.device)
         if k == 0:
-            return out
+            return torch.zeros(self.shape[0], 0, dtype=self.dtype, device=self.device)
+        out = None
         with _probing_mode(self.model, self.train_mode):
             for batch, weight in zip(self.batches, self._weights):
                 args, targets = self._on_device(batch)
-                out.add_(self._batch_matmat(args, targets, V), alpha=weight)
+                product = self._batch_matmat(args, targets, V)
+                if out is None:
+                    out = product.mul_(weight) if weight != 1.0 else product
+                else:
+                    out.add_(product, alpha=weight)
         self.num_matvecs += k
         return self._all_reduce(out)
 
     def _batch_matmat(self, args: tuple[Tensor, ...], targets: Tensor, V: Tensor) -> Tensor:
         if self.backend == "ext":
-            return self._ext.matmat(args[0], targets, V.contiguous(), ggn=self._ggn)
+            primal = None
+            if len(self.batches) == 1:
+                # One batch: its primal pass serves every product until the model changes.
+                key = self._state_key()
+                if self._graph_cache is None or self._graph_cache[0] != key:
+                    self._graph_cache = None  # free the old pass before making the new one
+                    self._graph_cache = (key, self._ext.primal(args[0], targets, ggn=self._ggn))
+                primal = self._graph_cache[1]
+            return self._ext.matmat(args[0], targets, V.contiguous(), ggn=self._ggn, primal=primal)
         if self.backend == "func":
             return self._func_matmat(args, targets, V)
         return self._autograd_matmat(args, targets, V)
