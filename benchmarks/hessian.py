@@ -9,7 +9,10 @@ on MNIST (the digits when MNIST is absent), with a batch of 256 and cross-entrop
    relative of the truth (scipy's eigsh at tol 1e-10 on a float64 copy). Each peer runs with
    its defaults and then with its step budget raised until it matches (or a cap is reached):
    hessian-eigenthings' Lanczos with full re-orthogonalisation forced on, PyHessian's power
-   iteration with a tighter tolerance.
+   iteration with a tighter tolerance. The first match is the peer told in hindsight how long
+   to run. hessian-eigenthings has no stopping rule of its own, so the benchmark also times
+   one a user without the truth can apply: re-run with 1.5x the steps until two runs agree to
+   1e-3 (the cost of all the runs, and the accuracy of the last). torch_dlt stops by itself.
 3. The trace to 1% relative (RMS) error on the trained MLP: products needed by Hutch++
    (measured over repeated runs) and by Hutchinson (its RMS error is exactly sigma / sqrt(m),
    sigma measured on 200 probes); the peers' errors with about 100 products. The truth is
@@ -217,8 +220,9 @@ def eigenthings_eigen(model, x, y, k, truth, cap: int) -> dict:
     import hessian_eigenthings as he
 
     op = he.HessianOperator(copy.deepcopy(model), [(x, y)], he.supervised_loss(CE))
-    tried = []
+    tried, values = [], []
     steps = None  # their default: max_iter = 2k, re-orthogonalised up to 50 steps
+    matched = rule = None
     while True:
         res, seconds = _timed(
             lambda steps=steps: he.lanczos(
@@ -226,13 +230,30 @@ def eigenthings_eigen(model, x, y, k, truth, cap: int) -> dict:
             )
         )
         used = steps if steps is not None else min(2 * k, op.size - 1)
-        ok = _within(res.eigenvalues.numpy(), truth)
+        got = np.sort(res.eigenvalues.numpy().astype(np.float64))[::-1]
+        ok = _within(got, truth)
         tried.append({"max_iter": used, "matvecs": used, "seconds": seconds, "within_1e-3": ok})
-        if ok == k or used >= cap:
+        if ok == k and matched is None:
+            matched = len(tried) - 1
+        # A user without the truth: re-run with 1.5x the steps until two runs agree to 1e-3.
+        if rule is None and values and _within(got, values[-1]) == k:
+            rule = len(tried) - 1
+        values.append(got)
+        if (matched is not None and rule is not None) or used >= cap:
             break
         steps = max(used + 1, int(used * 1.5))
     print(f"    hessian-eigenthings k={k}: {tried}")
-    return {"default": tried[0], "search": tried, "matched": tried[-1]["within_1e-3"] == k}
+    out = {"default": tried[0], "search": tried if matched is None else tried[: matched + 1]}
+    out["matched"] = matched is not None
+    if rule is not None:
+        out["stopping_rule"] = {
+            "rule": "re-run with 1.5x the steps until two runs agree to 1e-3 relative",
+            "runs": rule + 1,
+            "matvecs": sum(t["matvecs"] for t in tried[: rule + 1]),
+            "seconds": sum(t["seconds"] for t in tried[: rule + 1]),
+            "within_1e-3": tried[rule]["within_1e-3"],
+        }
+    return out
 
 
 def pyhessian_eigen(model, x, y, k, truth, tols) -> dict:
@@ -448,6 +469,8 @@ def main() -> None:
     x_all, y_all, source = _data(4096)
     x, y = x_all[:256], y_all[:256]
     backends = _backends()  # ext first when present; func last
+    # The process's first linalg call loads LAPACK: not part of any tool's time.
+    top_eigenvalues(torch.diag(torch.arange(1.0, 17.0)), 2, generator=torch.Generator())
     models = _models()
     payload = {"data": source, "batch": 256, "tolerance": REL, "runs": {}}
     for name in args.models.split(","):

@@ -277,7 +277,10 @@ class _CurvatureOperator:
         if k == 0:
             return torch.zeros(self.shape[0], 0, dtype=self.dtype, device=self.device)
         out = None
-        with _probing_mode(self.model, self.train_mode):
+        # The ext engine runs its layer program, not the modules: once its primal pass is made,
+        # products need neither eval mode nor a forked RNG.
+        hit = self.backend == "ext" and self._primal_is_current()
+        with contextlib.nullcontext() if hit else _probing_mode(self.model, self.train_mode):
             for batch, weight in zip(self.batches, self._weights):
                 args, targets = self._on_device(batch)
                 product = self._batch_matmat(args, targets, V)
@@ -293,10 +296,10 @@ class _CurvatureOperator:
             primal = None
             if len(self.batches) == 1:
                 # One batch: its primal pass serves every product until the model changes.
-                key = self._state_key()
-                if self._graph_cache is None or self._graph_cache[0] != key:
+                if not self._primal_is_current():
                     self._graph_cache = None  # free the old pass before making the new one
-                    self._graph_cache = (key, self._ext.primal(args[0], targets, ggn=self._ggn))
+                    primal = self._ext.primal(args[0], targets, ggn=self._ggn)
+                    self._graph_cache = (self._state_key(), primal)
                 primal = self._graph_cache[1]
             return self._ext.matmat(args[0], targets, V.contiguous(), ggn=self._ggn, primal=primal)
         if self.backend == "func":
@@ -329,6 +332,14 @@ class _CurvatureOperator:
             return self._join([result[n] for n in self._names], 1)
         result = vmap(product, chunk_size=self.chunk_size)(tangents)
         return self._join([result[n] for n in self._names], k)
+
+    def _primal_is_current(self) -> bool:
+        """Whether the cached pass (ext primal / autograd graph) is of the model as it is now."""
+        return (
+            len(self.batches) == 1
+            and self._graph_cache is not None
+            and self._graph_cache[0] == self._state_key()
+        )
 
     def _state_key(self) -> tuple:
         # In-place updates bump a tensor's version; assignment changes its storage.
@@ -613,23 +624,24 @@ def _order(theta: Tensor, which: str) -> Tensor:
 
 
 def _orthonormalise(
-    W: Tensor, basis: Tensor, scale: float, gen: torch.Generator
+    W: Tensor, basis: Tensor, scale: float, gen: torch.Generator, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor, bool]:
     """Gram-Schmidt of the rows of ``W`` (already orthogonal to the rows of ``basis``).
 
-    Returns ``(Q, R, broke)`` with ``W = R^T Q``. A row that vanishes (the Krylov space became
+    Returns ``(Q, R, broke)`` with ``W = R^T Q``; ``W`` is used up (overwritten), ``Q`` is
+    written into ``out`` when given. A row that vanishes (the Krylov space became
     invariant) is replaced by a random direction orthogonal to everything so far, with a zero
     on R's diagonal, so the relation still holds and the search goes on in the rest of the
     space, where further copies of a repeated eigenvalue live; ``broke`` says it (nearly) did.
     """
     b, n = W.shape
-    Q = torch.empty_like(W)
+    Q = torch.empty_like(W) if out is None else out
     R = torch.zeros(b, b, dtype=torch.float64)
     eps = torch.finfo(W.dtype).eps
     tiny, small = 100 * eps * max(scale, 1e-300), math.sqrt(eps) * scale
     broke = False
     for j in range(b):
-        w = W[j].clone()
+        w = W[j]
         for _ in range(2):
             if j:
                 c = Q[:j] @ w
@@ -639,7 +651,7 @@ def _orthonormalise(
         broke |= norm <= small
         if norm > tiny:
             R[j, j] = norm
-            Q[j] = w / norm
+            torch.div(w, norm, out=Q[j])
             continue
         z = _randn(n, 1, W.dtype, W.device, gen)[:, 0]
         for _ in range(2):
@@ -686,11 +698,14 @@ def _lanczos(
     basis = torch.empty(max_basis + b, n, dtype=dtype, device=device)
     T = torch.zeros(max_basis + b, max_basis + b, dtype=torch.float64)
     X = _randn(n, b, dtype, device, gen) if start is None else start.to(device, dtype)
-    basis[:b] = _orthonormalise(X.T.contiguous(), basis[:0], float(X.norm()), gen)[0]
+    start_rows = X.T.clone(memory_format=torch.contiguous_format)  # never the caller's start
+    _orthonormalise(start_rows, basis[:0], float(X.norm()), gen, out=basis[:b])
     s, lo, matvecs, it = 0, 0, 0, 0
     while True:
         it += 1
         W = (op @ basis[s : s + b].T).to(dtype).T.contiguous()
+        if W.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr():
+            W = W.clone()  # an operator that hands back its input: W is worked on in place
         matvecs += b
         m = s + b
         Q = basis[:m]
@@ -718,7 +733,8 @@ def _lanczos(
         if exhausted:
             res = torch.zeros(m, dtype=torch.float64)
         else:
-            nxt, B, broke = _orthonormalise(W, Q, scale, gen)
+            # The next block goes straight into the basis (moved down on a restart).
+            _, B, broke = _orthonormalise(W, Q, scale, gen, out=basis[m : m + b])
             res = (B @ S[s:m, :]).norm(dim=0)
         order = _order(theta, which)[:k]
         bounds = _error_bounds(theta, res)
@@ -736,6 +752,7 @@ def _lanczos(
             keep = _order(theta, which)[: max(k, min(m - b, (max_basis + k) // 2))]
             p = len(keep)
             Y = S[:, keep].T.to(dtype=dtype, device=device) @ Q
+            nxt = basis[m : m + b].clone()
             basis[:p] = Y
             basis[p : p + b] = nxt
             coupling = B @ S[s:m, keep]
@@ -745,12 +762,11 @@ def _lanczos(
             T[:p, p : p + b] = coupling.T
             s, lo = p, 0
         else:
-            basis[m : m + b] = nxt
             s, lo = m, s
     m = S.shape[0]
     order = _order(theta, which)[:k]
-    vectors = (S[:, order].T.to(dtype=dtype, device=device) @ basis[:m]).T
-    return theta[order], vectors, res[order], bounds[order], matvecs, it
+    rows = S[:, order].T.to(dtype=dtype, device=device) @ basis[:m]
+    return theta[order], rows, res[order], bounds[order], matvecs, it
 
 
 def _spectral_bound(op: Any, gen: torch.Generator) -> float:
@@ -801,7 +817,7 @@ def _power(
             break
         X = torch.linalg.qr(W).Q
     order = _order(theta, which)
-    return theta[order], X[:, order], res[order], res[order], matvecs, it
+    return theta[order], X.T[order], res[order], res[order], matvecs, it
 
 
 def top_eigenvalues(
@@ -918,11 +934,11 @@ def top_eigenvalues(
         bar = tqdm(desc=f"{method} ({which}, k={k})", unit="matvec")
     try:
         if method == "lanczos":
-            theta, vectors, res, bounds, matvecs, it = _lanczos(
+            theta, rows, res, bounds, matvecs, it = _lanczos(
                 op, k, which, max_iter, b, max_basis, gen, start, converged, bar
             )
         else:
-            theta, vectors, res, bounds, matvecs, it = _power(
+            theta, rows, res, bounds, matvecs, it = _power(
                 op, k, which, max_iter, gen, start, converged, bar
             )
     finally:
@@ -933,7 +949,7 @@ def top_eigenvalues(
     norm = float(theta.abs().max())
     result = EigenResult(
         theta,
-        vectors[:, order],
+        rows[order].T,  # each eigenvector contiguous
         residuals=res / scale(theta, norm),
         error_bounds=bounds / scale(theta, norm),
         converged=converged(theta, res, bounds, norm),
