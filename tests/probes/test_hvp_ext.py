@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from torch_dlt import ops
 from torch_dlt.nn import Erf, LeNet5
 from torch_dlt.ops import hvp as hvp_ops
+from torch_dlt.probes import _hvp_ext
 from torch_dlt.probes._hvp_ext import UnsupportedModelError, ext_program
 from torch_dlt.testing import ModelSnapshot, randn, seeded, tiny_cnn, tiny_mlp
 
@@ -139,6 +140,29 @@ def _model(name):
             nn.init.normal_(m.weight, 1.0, 0.3, generator=g)
             nn.init.normal_(m.bias, 0.0, 0.3, generator=g)
     return model
+
+
+@pytest.mark.parametrize("budget_outputs", [1, 2, 10**6])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_cpu_blocks_swept_in_chunks_match_dense(path, monkeypatch, budget_outputs, reuse):
+    # Chunks of 1, of 2 (5 directions: an uneven last chunk) and the whole block, with and
+    # without a primal pass: the same products.
+    model = _model("cnn-all-layers")
+    loss_fn = nn.CrossEntropyLoss()
+    x, t = _batch("cnn-all-layers", "ce")
+    program = ext_program(model, loss_fn)
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel())) for m in model]
+    model(x)
+    for h in hooks:
+        h.remove()
+    monkeypatch.setattr(_hvp_ext, "CPU_BLOCK_BYTES", budget_outputs * max(sizes) * 8)
+    _, code, constants, params = program._encode(x)
+    assert program._chunk(x, params, code, constants, 5) == min(5, budget_outputs)
+    V = randn(program.num_params, 5, seed=4)
+    primal = program.primal(x, t) if reuse else None
+    got = program.matmat(x, t, V, primal=primal)
+    assert_close(got, dense_hessian(model, loss_fn, x, t) @ V, **TOL)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
