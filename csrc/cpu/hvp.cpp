@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <array>
-#include <functional>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -460,7 +459,9 @@ ConvAttr conv_attr(const Layer& layer) {
 }
 
 std::tuple<at::Tensor, at::Tensor> max_pool_forward(const Layer& layer, const at::Tensor& x) {
-  if (layer.op == kAdaptiveMaxPool2d) return at::adaptive_max_pool2d(x, {layer.attr[0], layer.attr[1]});
+  if (layer.op == kAdaptiveMaxPool2d) {
+    return at::adaptive_max_pool2d(x, {layer.attr[0], layer.attr[1]});
+  }
   return at::max_pool2d_with_indices(x, {layer.attr[0], layer.attr[1]},
                                      {layer.attr[2], layer.attr[3]}, {layer.attr[4], layer.attr[5]},
                                      {layer.attr[6], layer.attr[7]}, layer.attr[8] != 0);
@@ -589,6 +590,14 @@ at::Tensor layer_input_grad(const Layer& layer, const Saved& s, const at::Tensor
 // A layer's output is a view of its input (Flatten), or a fresh tensor worth keeping.
 bool is_view(const Layer& layer) { return layer.op == kFlatten; }
 
+// Which entries of sequential_primal's list hold a tensor (the others are empty): layer l's
+// output unless it is a view, and the gradient at it unless layer l + 1 is a view (the gradient
+// at a view's input is a view of the one at its output).
+bool output_kept(const std::vector<Layer>& layers, int64_t l) { return !is_view(layers[l]); }
+bool gradient_kept(const std::vector<Layer>& layers, int64_t l) {
+  return l + 1 >= static_cast<int64_t>(layers.size()) || !is_view(layers[l + 1]);
+}
+
 }  // namespace
 
 std::vector<at::Tensor> sequential_primal(const at::Tensor& inputs, const at::Tensor& targets,
@@ -611,7 +620,7 @@ std::vector<at::Tensor> sequential_primal(const at::Tensor& inputs, const at::Te
     saved[l].x = a;
     a = layer_forward(layers[l], a, params, saved[l], gradients);
     saved[l].y = a;
-    result.push_back(is_view(layers[l]) ? none() : a);
+    result.push_back(output_kept(layers, l) ? a : none());
   }
   if (!gradients) return result;
   // The loss gradient; loss_curvature's Hessian term is asked of a zero direction.
@@ -624,9 +633,7 @@ std::vector<at::Tensor> sequential_primal(const at::Tensor& inputs, const at::Te
     if (l > 0) g = layer_input_grad(layers[l], saved[l], g, params);
   }
   for (int64_t l = 0; l < num_layers; ++l) {
-    // The gradient at a view's input is a view of the one at its output: not kept either.
-    const bool view = l + 1 < num_layers && is_view(layers[l + 1]);
-    result.push_back(view ? none() : grads[l]);
+    result.push_back(gradient_kept(layers, l) ? grads[l] : none());
   }
   return result;
 }
@@ -682,27 +689,27 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
               "torch_dlt::sequential_hvp: primal must be sequential_primal's ", 2 * num_layers,
               " tensors (", num_layers, " without gradients, for ggn), got ", primal_size);
   for (int64_t i = 0; cached && i < std::min(primal_size, ggn ? num_layers : 2 * num_layers); ++i) {
-    const bool view = i < num_layers ? is_view(layers[i])
-                                     : i + 1 < 2 * num_layers && is_view(layers[i - num_layers + 1]);
-    TORCH_CHECK(view || (primal[i].dim() >= 1 && primal[i].size(0) == inputs.size(0) &&
-                         primal[i].scalar_type() == inputs.scalar_type() &&
-                         primal[i].device() == inputs.device()),
+    const bool kept =
+        i < num_layers ? output_kept(layers, i) : gradient_kept(layers, i - num_layers);
+    TORCH_CHECK(!kept || (primal[i].dim() >= 1 && primal[i].size(0) == inputs.size(0) &&
+                          primal[i].scalar_type() == inputs.scalar_type() &&
+                          primal[i].device() == inputs.device()),
                 "torch_dlt::sequential_hvp: primal[", i, "] is not sequential_primal's tensor for "
                 "these inputs (", primal[i].sizes(), ")");
   }
-  // The primal output of layer l: stored, or the view it is of its input.
-  std::function<at::Tensor(int64_t)> output_of = [&](int64_t l) -> at::Tensor {
-    if (l < 0) return inputs.contiguous();
-    if (!is_view(layers[l])) return primal[l];
-    Saved unused;
-    return layer_forward(layers[l], output_of(l - 1), params, unused, false);
-  };
 
   // Forward and R-forward; with a primal pass, only R-forward from the first layer with a
   // direction, where the layers' outputs are read back (max pooling's argmax and batch norm's
   // statistics are recomputed: they cost a fraction of their layer).
   std::vector<Saved> saved(num_layers);
-  at::Tensor a = cached ? output_of(first - 1) : inputs.contiguous();
+  at::Tensor a = inputs.contiguous();
+  if (cached) {
+    // The first layer's input: the last kept output below it, through the views after that.
+    int64_t l = first - 1;
+    while (l >= 0 && !output_kept(layers, l)) --l;
+    if (l >= 0) a = primal[l];
+    for (Saved unused; ++l < first;) a = layer_forward(layers[l], a, params, unused, false);
+  }
   at::Tensor ra;  // undefined: zero
   for (int64_t l = cached ? first : 0; l < num_layers; ++l) {
     const Layer& layer = layers[l];
@@ -711,7 +718,7 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
     s.x = a;
     s.rx = ra;
     const bool reuse = cached && layer.op != kMaxPool2d && layer.op != kAdaptiveMaxPool2d &&
-                       layer.op != kBatchNorm && !is_view(layer);
+                       layer.op != kBatchNorm && output_kept(layers, l);
     const at::Tensor out = reuse ? primal[l] : layer_forward(layer, a, params, s, track);
     s.y = out;
     at::Tensor rout;
@@ -1014,7 +1021,7 @@ std::vector<at::Tensor> sequential_hvp(const at::Tensor& inputs, const at::Tenso
         break;
     }
     if (!ggn && need_input) {
-      if (cached && !is_view(layers[l])) {
+      if (cached && gradient_kept(layers, l - 1)) {
         gx = primal[num_layers + l - 1];
       } else if (!gx.defined()) {
         gx = layer_input_grad(layer, s, g, params);

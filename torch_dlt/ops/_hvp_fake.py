@@ -29,17 +29,13 @@ def _sequential_hvp_fake(inputs, targets, params, directions, program, constants
 
 def _sequential_primal_fake(inputs, targets, params, program, constants, loss, reduction,
                             gradients):  # fmt: skip
-    from torch_dlt.ops._hvp_reference import Opcode, parse_program, program_outputs
+    from torch_dlt.ops._hvp_reference import primal_layout, program_outputs
 
     outputs = program_outputs(inputs, list(params), list(program), list(constants))
-    views = [op == Opcode.FLATTEN for op, _ in parse_program(list(program))]
-    kept = [inputs.new_empty(0) if v else o.new_empty(o.shape) for o, v in zip(outputs, views)]
-    if not gradients:
-        return kept
-    return kept + [
-        inputs.new_empty(0) if v else o.new_empty(o.shape)
-        for o, v in zip(outputs, views[1:] + [False])
-    ]
+    # The gradient at each output has the output's shape.
+    shapes = [o.shape for o in outputs] * (2 if gradients else 1)
+    layout = primal_layout(list(program))
+    return [inputs.new_empty(shape if kept else (0,)) for shape, kept in zip(shapes, layout)]
 
 
 def register() -> None:

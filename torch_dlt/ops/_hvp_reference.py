@@ -257,8 +257,6 @@ def sequential_primal(
     Where a layer's output is a view of its input (Flatten), its entry is an empty tensor; so is
     the gradient at a Flatten's input.
     """
-    records = parse_program(program)
-    views = [op == Opcode.FLATTEN for op, _ in records]
     with torch.enable_grad():
         detached = [p.detach() for p in params]
         start = inputs.detach().requires_grad_(gradients)
@@ -267,10 +265,19 @@ def sequential_primal(
         if gradients:
             total = _loss(outputs[-1], targets, loss, reduction)
             grads = list(torch.autograd.grad(total, outputs))
-    kept = [inputs.new_empty(0) if view else out.detach() for out, view in zip(outputs, views)]
-    # The gradient at layer l's output is a view of the one at l + 1's where l + 1 is a Flatten.
-    views_after = views[1:] + [False]
-    return kept + [inputs.new_empty(0) if view else g for g, view in zip(grads, views_after)]
+    tensors = [out.detach() for out in outputs] + grads
+    return [t if kept else inputs.new_empty(0) for t, kept in zip(tensors, primal_layout(program))]
+
+
+def primal_layout(program: list[int]) -> list[bool]:
+    """Which entries of :func:`sequential_primal`'s list hold a tensor (the rest are empty).
+
+    Layer l's output, unless it is a view of its input (Flatten); then the gradient at layer l's
+    output, unless layer l + 1 is a Flatten (the gradient at a view's input is a view of the one
+    at its output). ``zip`` with the list of outputs only (no gradients) reads the first half.
+    """
+    views = [op == Opcode.FLATTEN for op, _ in parse_program(program)]
+    return [not v for v in views] + [not v for v in views[1:] + [False]]
 
 
 def _loss(z: Tensor, targets: Tensor, loss: int, reduction: int) -> Tensor:

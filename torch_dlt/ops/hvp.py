@@ -201,8 +201,8 @@ def sequential_hvp(
         ggn (bool): Gauss-Newton instead of Hessian.
         primal (list[Tensor] | None): :func:`sequential_primal` of the same inputs, targets,
             params and program, computed once: the products then skip the forward pass and
-            the backward of the gradient (1.4-1.5x faster products on the MLP and LeNet-5 of
-            ``benchmarks/hessian.py``).
+            the backward of the gradient (``benchmarks/hessian.py``: a product fell from about
+            2.1x to 1.3-1.45x a gradient on its MLP and LeNet-5).
 
     Returns:
         list[Tensor[k, \*p.shape]]: one block per ``params`` entry (empty where no direction).

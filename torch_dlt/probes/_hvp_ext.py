@@ -28,8 +28,9 @@ _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
 
 # On the CPU a block of k directions is swept in chunks whose R-tensors (k times the largest
-# layer output) stay near this size: a block of 10 LeNet-5 directions at batch 256 (48 MB per
-# R-tensor) runs 25% slower per direction than chunks of 2; an MLP's blocks stay whole.
+# layer output) stay near this size, within a shared cache. LeNet-5 at batch 256 (4.8 MB per
+# direction) then sweeps 2 at a time: its block-of-10 products fell from 1.6-1.75x to
+# 1.1-1.15x a gradient per vector (benchmarks/hessian.py, product_cost); an MLP's stay whole.
 CPU_BLOCK_BYTES = 12 * 2**20
 
 
@@ -555,7 +556,7 @@ class ExtProgram:
         """Directions per sweep: all of them on a GPU; on the CPU, ``CPU_BLOCK_BYTES`` worth."""
         if inputs.device.type != "cpu":
             return k
-        key = (tuple(inputs.shape), inputs.dtype, tuple(program))
+        key = (tuple(inputs.shape), inputs.dtype)  # the program is a function of the shape
         if key not in self._largest:
             # The layers' output shapes, from a pass over meta tensors (no data, no arithmetic).
             meta = [p.to("meta") for p in params]

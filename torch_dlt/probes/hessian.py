@@ -170,7 +170,7 @@ class _CurvatureOperator:
             for b in self.batches
         ]
         self._ext = None
-        self._graph_cache: tuple | None = None
+        self._pass: tuple | None = None  # (model state key, the one batch's cached pass)
         self.backend = self._choose_backend(backend)
 
     # -- construction helpers --------------------------------------------------------------
@@ -279,7 +279,7 @@ class _CurvatureOperator:
         out = None
         # The ext engine runs its layer program, not the modules: once its primal pass is made,
         # products need neither eval mode nor a forked RNG.
-        hit = self.backend == "ext" and self._primal_is_current()
+        hit = self.backend == "ext" and self._pass_is_current()
         with contextlib.nullcontext() if hit else _probing_mode(self.model, self.train_mode):
             for batch, weight in zip(self.batches, self._weights):
                 args, targets = self._on_device(batch)
@@ -295,12 +295,9 @@ class _CurvatureOperator:
         if self.backend == "ext":
             primal = None
             if len(self.batches) == 1:
-                # One batch: its primal pass serves every product until the model changes.
-                if not self._primal_is_current():
-                    self._graph_cache = None  # free the old pass before making the new one
-                    primal = self._ext.primal(args[0], targets, ggn=self._ggn)
-                    self._graph_cache = (self._state_key(), primal)
-                primal = self._graph_cache[1]
+                primal = self._cached_pass(
+                    lambda: self._ext.primal(args[0], targets, ggn=self._ggn)
+                )
             return self._ext.matmat(args[0], targets, V.contiguous(), ggn=self._ggn, primal=primal)
         if self.backend == "func":
             return self._func_matmat(args, targets, V)
@@ -333,13 +330,18 @@ class _CurvatureOperator:
         result = vmap(product, chunk_size=self.chunk_size)(tangents)
         return self._join([result[n] for n in self._names], k)
 
-    def _primal_is_current(self) -> bool:
+    def _pass_is_current(self) -> bool:
         """Whether the cached pass (ext primal / autograd graph) is of the model as it is now."""
         return (
-            len(self.batches) == 1
-            and self._graph_cache is not None
-            and self._graph_cache[0] == self._state_key()
+            len(self.batches) == 1 and self._pass is not None and self._pass[0] == self._state_key()
         )
+
+    def _cached_pass(self, make: Callable[[], Any]) -> Any:
+        """One batch: the pass ``make`` builds serves every product until the model changes."""
+        if not self._pass_is_current():
+            self._pass = None  # free the old pass before making the new one
+            self._pass = (self._state_key(), make())
+        return self._pass[1]
 
     def _state_key(self) -> tuple:
         # In-place updates bump a tensor's version; assignment changes its storage.
@@ -371,10 +373,7 @@ class _CurvatureOperator:
     def _autograd_matmat(self, args: tuple[Tensor, ...], targets: Tensor, V: Tensor) -> Tensor:
         if len(self.batches) == 1:
             # One batch: its gradient graph serves every product until the model changes.
-            key = self._state_key()
-            if self._graph_cache is None or self._graph_cache[0] != key:
-                self._graph_cache = (key, self._autograd_graph(args, targets))
-            graph = self._graph_cache[1]
+            graph = self._cached_pass(lambda: self._autograd_graph(args, targets))
         else:
             graph = self._autograd_graph(args, targets)
         leaves, used = graph["leaves"], graph["used"]
